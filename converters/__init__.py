@@ -1,0 +1,1 @@
+"""Checkpoint converters: MTP split/merge, re-quantization, resharding and expert placement."""

@@ -1,0 +1,51 @@
+"""``dsv3tools inspect``."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dsv3tools.cli_util import emit, human_bytes, json_option, model_option
+from dsv3tools.errors import DSV3Error
+
+
+def _render(con: Console, r: dict) -> None:
+    con.print(f"[bold]{r['path']}[/]  format {r['format']}  {r['num_shards']} shards  {r['num_tensors']:,} tensors  "
+              f"{human_bytes(r['bytes_total'])}")
+    t = Table(title="parameters by component")
+    t.add_column("component")
+    t.add_column("params", justify="right")
+    t.add_column("formats")
+    for c, v in r["components"].items():
+        t.add_row(c, f"{v['params']:,}", ", ".join(f"{k} x{n}" for k, n in v["formats"].items()))
+    t.add_row("[bold]main[/]", f"{r['params_main']:,}", "")
+    t.add_row("[bold]MTP[/]", f"{r['params_mtp']:,}", f"unique {r['params_mtp_unique']:,}")
+    con.print(t)
+    m = Table(title="weight memory per GPU (even split)")
+    m.add_column("format")
+    gpus = list(next(iter(r["memory"].values()))["per_gpu_bytes"])
+    for n in gpus:
+        m.add_column(f"{n} GPU", justify="right")
+    for fmt, v in r["memory"].items():
+        m.add_row(fmt, *(human_bytes(v["per_gpu_bytes"][n]) for n in gpus))
+    con.print(m)
+    con.print(f"MLA KV cache: {r['kv_cache_bytes_per_token']:,} bytes per token (bf16, "
+              f"{r['kv_cache_values_per_token_per_layer']} values per token per layer)")
+    for p in r["problems"][:20]:
+        con.print(f"[red]problem:[/] {p}")
+    if len(r["problems"]) > 20:
+        con.print(f"[red]... {len(r['problems']) - 20} more problems[/]")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inspect")
+    def inspect_cmd(model: str = model_option(), json: bool = json_option()) -> None:
+        """Parameters, bytes, formats, memory per GPU count and validation problems, from headers only."""
+        from dsv3tools.inspection import inspect_checkpoint
+
+        r = inspect_checkpoint(model)
+        emit(r, json, _render)
+        if r["problems"]:
+            more = f" (+{len(r['problems']) - 1} more)" if len(r["problems"]) > 1 else ""
+            raise DSV3Error(f"{model}: {r['problems'][0]}{more}")

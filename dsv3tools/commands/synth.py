@@ -1,0 +1,29 @@
+"""``dsv3tools synth``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dsv3tools.cli_util import emit, human_bytes, json_option
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("synth")
+    def synth_cmd(
+        out: Path = typer.Option(..., "--out", help="output folder"),
+        preset: str = typer.Option("tiny", "--preset", help="tiny | small | real-shape | full"),
+        sparse: bool = typer.Option(False, "--sparse", help="with --preset full: data regions are holes"),
+        dtype: str = typer.Option("fp8", "--dtype", help="fp8 | bf16"),
+        seed: int = typer.Option(0, "--seed"),
+        layers: int = typer.Option(None, "--layers", help="cut num_hidden_layers (real-shape)"),
+        experts: int = typer.Option(None, "--experts", help="cut n_routed_experts (real-shape)"),
+        json: bool = json_option(),
+    ) -> None:
+        """Write a random checkpoint in the exact HF DeepSeek-V3 format, deterministic per seed."""
+        from dsv3tools.synth import synthesize
+
+        r = synthesize(out, preset=preset, seed=seed, sparse=sparse, dtype=dtype, layers=layers, experts=experts)
+        emit(r, json, lambda con, r: con.print(
+            f"wrote {r['out']}: {r['tensors']:,} tensors, {human_bytes(r['bytes'])} in {r['shards']} shards"))

@@ -1,0 +1,235 @@
+"""The model configuration: one frozen object built from the checkpoint's own config.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsv3tools.errors import DSV3Error
+
+# field name -> python type; every one is required in a DeepSeek-V3 config.json
+_REQUIRED: dict[str, type] = {
+    "hidden_size": int,
+    "intermediate_size": int,
+    "moe_intermediate_size": int,
+    "num_hidden_layers": int,
+    "first_k_dense_replace": int,
+    "n_routed_experts": int,
+    "n_shared_experts": int,
+    "num_experts_per_tok": int,
+    "n_group": int,
+    "topk_group": int,
+    "routed_scaling_factor": float,
+    "num_attention_heads": int,
+    "q_lora_rank": int,
+    "kv_lora_rank": int,
+    "qk_nope_head_dim": int,
+    "qk_rope_head_dim": int,
+    "v_head_dim": int,
+    "vocab_size": int,
+    "rms_norm_eps": float,
+    "rope_theta": float,
+    "max_position_embeddings": int,
+}
+_OPTIONAL: dict[str, Any] = {
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "norm_topk_prob": True,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "num_nextn_predict_layers": 0,
+    "moe_layer_freq": 1,
+}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the linears of a checkpoint are stored: ``fp8`` blocks, ``int4`` compressed-tensors, or ``none``."""
+
+    method: str = "none"
+    block: tuple[int, int] = (128, 128)
+    scale_fmt: str = "float"
+    group_size: int = 128
+    ignore: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, qc: dict | None, where: str) -> QuantConfig:
+        if not qc:
+            return cls()
+        method = qc.get("quant_method")
+        if method == "fp8":
+            if qc.get("fmt", "e4m3") != "e4m3":
+                raise DSV3Error(f"{where}: quantization_config.fmt {qc.get('fmt')!r} is not e4m3")
+            block = tuple(qc.get("weight_block_size") or (128, 128))
+            if len(block) != 2:
+                raise DSV3Error(f"{where}: weight_block_size must have 2 entries, got {list(block)}")
+            return cls("fp8", (int(block[0]), int(block[1])), qc.get("scale_fmt") or "float")
+        if method == "compressed-tensors":
+            groups = list((qc.get("config_groups") or {}).values())
+            if not groups:
+                raise DSV3Error(f"{where}: compressed-tensors quantization_config has no config_groups")
+            w = groups[0].get("weights") or {}
+            if w.get("num_bits") != 4 or qc.get("format") != "pack-quantized":
+                raise DSV3Error(f"{where}: only compressed-tensors pack-quantized int4 is supported")
+            return cls("int4", group_size=int(w.get("group_size", 128)), ignore=tuple(qc.get("ignore") or ()))
+        raise DSV3Error(f"{where}: unsupported quant_method {method!r} (expected fp8 or compressed-tensors)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V3 hyper-parameters (HF names) plus derived layer bookkeeping."""
+
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    first_k_dense_replace: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    num_attention_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    num_nextn_predict_layers: int = 0
+    moe_layer_freq: int = 1
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    quant: QuantConfig = QuantConfig()
+    raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config.json") -> ModelConfig:
+        """Validate a config.json dict; errors name the file and the field."""
+        arch = d.get("model_type")
+        if arch not in (None, "deepseek_v3"):
+            raise DSV3Error(f"{where}: model_type is {arch!r}, not deepseek_v3; point --model at a DeepSeek-V3 checkpoint")
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise DSV3Error(f"{where}: not a DeepSeek-V3 config, missing {', '.join(missing)}")
+        kw: dict[str, Any] = {}
+        for k, typ in _REQUIRED.items():
+            v = d[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and v != int(v)):
+                raise DSV3Error(f"{where}: {k} must be a number of type {typ.__name__}, got {v!r}")
+            kw[k] = typ(v)
+        for k, default in _OPTIONAL.items():
+            v = d.get(k, default)
+            kw[k] = default if v is None else type(default)(v)
+        kw["rope_scaling"] = tuple(sorted((d.get("rope_scaling") or {}).items()))
+        kw["quant"] = QuantConfig.from_dict(d.get("quantization_config"), where)
+        cfg = cls(**kw, raw=dict(d))
+        cfg._check(where)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise DSV3Error(f"{path}: no config.json; point --model at a checkpoint folder")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DSV3Error(f"{path}: not valid JSON ({e}); restore the checkpoint's config.json") from None
+        if not isinstance(d, dict):
+            raise DSV3Error(f"{path}: expected a JSON object")
+        return cls.from_dict(d, str(path))
+
+    def _check(self, where: str) -> None:
+        rules = [
+            (self.n_routed_experts % self.n_group == 0, "n_routed_experts must be a multiple of n_group"),
+            (0 < self.topk_group <= self.n_group, "topk_group must be in 1..n_group"),
+            (0 < self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok must be in 1..n_routed_experts"),
+            (0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace must be <= num_hidden_layers"),
+            (self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even"),
+            (self.scoring_func == "sigmoid", "scoring_func must be sigmoid"),
+            (self.topk_method == "noaux_tc", "topk_method must be noaux_tc"),
+            (self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0"),
+            (self.q_lora_rank > 0, "q_lora_rank must be > 0 (DeepSeek-V3 always compresses q)"),
+        ]
+        for ok, rule in rules:
+            if not ok:
+                raise DSV3Error(f"{where}: {rule}")
+        rs = self.rope_scaling_dict
+        if rs and rs.get("type", rs.get("rope_type")) not in ("yarn", None):
+            raise DSV3Error(f"{where}: rope_scaling type {rs.get('type')!r} is not yarn")
+
+    # ---- derived ----------------------------------------------------------------------------------
+    @property
+    def rope_scaling_dict(self) -> dict:
+        return dict(self.rope_scaling)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_routed_experts // self.n_group
+
+    @property
+    def mtp_layers(self) -> list[int]:
+        """Layer ids of the multi-token-prediction modules: ``num_hidden_layers + k``."""
+        return [self.num_hidden_layers + k for k in range(self.num_nextn_predict_layers)]
+
+    @property
+    def all_layers(self) -> list[int]:
+        return list(range(self.num_hidden_layers)) + self.mtp_layers
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether a layer (main or MTP) has a routed-expert MLP."""
+        if layer >= self.num_hidden_layers:
+            return self.n_routed_experts > 0
+        return (
+            self.n_routed_experts > 0 and layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+        )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [layer for layer in self.all_layers if self.is_moe(layer)]
+
+    @property
+    def softmax_scale(self) -> float:
+        """``qk_head_dim ** -0.5`` times the YaRN ``mscale**2`` correction (SPEC sec. 4)."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling_dict
+        if rs and rs.get("mscale_all_dim"):
+            factor = float(rs["factor"])
+            m = 0.1 * float(rs["mscale_all_dim"]) * math.log(factor) + 1.0 if factor > 1 else 1.0
+            scale *= m * m
+        return scale
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        """MLA compressed cache: (kv_lora_rank + qk_rope_head_dim) values per token per main layer."""
+        return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers * bytes_per_value
+
+    def to_dict(self, **overrides: Any) -> dict:
+        """The original config.json dict with ``overrides`` applied (``None`` removes a key)."""
+        d = dict(self.raw)
+        for k, v in overrides.items():
+            if v is None:
+                d.pop(k, None)
+            else:
+                d[k] = v
+        return d

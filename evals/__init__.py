@@ -1,0 +1,1 @@
+"""Evaluation: the lm-eval adapter, local tasks, perplexity and MTP acceptance."""
