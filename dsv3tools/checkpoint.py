@@ -46,7 +46,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise DSV3Error(f"{path}: truncated safetensors file ({size} bytes); re-download it")
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > size:
-                raise DSV3Error(f"{path}: corrupted safetensors header (length {n}, file {size} bytes); re-download it")
+                raise DSV3Error(
+                    f"{path}: corrupted safetensors header (length {n}, file {size} bytes); re-download it"
+                )
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise DSV3Error(f"{path}: shard file is missing; re-download it (dsv3tools download)") from None
@@ -60,13 +62,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         try:
             dtype, shape, (a, b) = meta["dtype"], tuple(int(x) for x in meta["shape"]), meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise DSV3Error(f"{path}: corrupted header entry for tensor {name}; re-download the shard") from None
+            raise DSV3Error(
+                f"{path}: corrupted header entry for tensor {name}; re-download the shard"
+            ) from None
         if dtype not in DTYPE_BYTES or b - a != nbytes(dtype, shape):
-            raise DSV3Error(f"{path}: tensor {name} has inconsistent dtype/shape/offsets; re-download the shard")
+            raise DSV3Error(
+                f"{path}: tensor {name} has inconsistent dtype/shape/offsets; re-download the shard"
+            )
         infos[name] = TensorInfo(name, path.name, dtype, shape, (a, b))
         end = max(end, b)
     if 8 + n + end > size:
-        raise DSV3Error(f"{path}: truncated: header needs {8 + n + end} bytes, file has {size}; re-download it")
+        raise DSV3Error(
+            f"{path}: truncated: header needs {8 + n + end} bytes, file has {size}; re-download it"
+        )
     return infos
 
 
@@ -76,7 +84,9 @@ class Checkpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise DSV3Error(f"{self.path}: no such checkpoint folder; pass --model DIR (or set DSV3TOOLS_MODEL)")
+            raise DSV3Error(
+                f"{self.path}: no such checkpoint folder; pass --model DIR (or set DSV3TOOLS_MODEL)"
+            )
         self.config = ModelConfig.from_file(self.path / "config.json")
         self.weight_map = self._read_index()
         self.shards = sorted(set(self.weight_map.values()))
@@ -92,7 +102,9 @@ class Checkpoint:
                 raise DSV3Error(f"{idx}: corrupted index (no weight_map); re-download it") from None
             for shard in sorted(set(wm.values())):
                 if not (self.path / shard).is_file():
-                    raise DSV3Error(f"{idx}: names {shard}, which is missing; re-download it (dsv3tools download)")
+                    raise DSV3Error(
+                        f"{idx}: names {shard}, which is missing; re-download it (dsv3tools download)"
+                    )
             return dict(wm)
         single = self.path / SINGLE_NAME
         if single.is_file():
@@ -163,11 +175,17 @@ class Checkpoint:
 
     # ---- validation ------------------------------------------------------------------------------
     def expected(self) -> list[Weight]:
-        return model_weights(self.config)
+        """Weights the config implies; a folder marked ``"dsv3tools_part": "mtp"`` (split-mtp) holds only the MTP layers."""
+        weights = model_weights(self.config)
+        if self.config.raw.get("dsv3tools_part") == "mtp":
+            weights = [w for w in weights if w.layer is not None and w.layer >= self.config.num_hidden_layers]
+        return weights
 
     def storage_of(self, w: Weight) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Expected on-disk tensors of ``w`` in the format it is actually stored in (default: config's)."""
         fmt = self.linear_format(w.name) if w.linear else None
+        if fmt == "bf16" and self.info(f"{w.name}.weight").dtype == "F8_E4M3":
+            fmt = "fp8"  # an FP8 weight whose scale is missing: report the missing scale
         if fmt is None:
             fmt = {"fp8": "fp8", "int4": "int4"}.get(self.config.quant.method, "bf16")
         return storage(w, fmt, self.config.quant.block, self.config.quant.group_size)
@@ -175,9 +193,16 @@ class Checkpoint:
     def problems(self) -> list[str]:
         """Every mismatch between the stored tensors and the config (names, shapes, dtypes, scale grids)."""
         infos = self.infos()
-        probs = [f"{n}: listed in the index under {s} but stored in {infos[n].shard}"
-                 for n, s in self.weight_map.items() if n in infos and infos[n].shard != s]
-        probs += [f"{n}: listed in the index but missing from {s}" for n, s in self.weight_map.items() if n not in infos]
+        probs = [
+            f"{n}: listed in the index under {s} but stored in {infos[n].shard}"
+            for n, s in self.weight_map.items()
+            if n in infos and infos[n].shard != s
+        ]
+        probs += [
+            f"{n}: listed in the index but missing from {s}"
+            for n, s in self.weight_map.items()
+            if n not in infos
+        ]
         seen: set[str] = set()
         for w in self.expected():
             for name, (dtype, shape) in self.storage_of(w).items():
@@ -189,7 +214,11 @@ class Checkpoint:
                     continue
                 if info.shape != shape:
                     probs.append(f"{name}: shape {list(info.shape)}, expected {list(shape)}")
-                ok = {dtype} | ({"BF16", "F16", "F32"} if dtype in ("BF16", "F32") and not name.endswith("_scale_inv") else set())
+                ok = {dtype} | (
+                    {"BF16", "F16", "F32"}
+                    if dtype in ("BF16", "F32") and not name.endswith("_scale_inv")
+                    else set()
+                )
                 if info.dtype not in ok:
                     probs.append(f"{name}: dtype {info.dtype}, expected {dtype}")
         probs += [f"{n}: unexpected tensor for this config" for n in sorted(set(infos) - seen)]

@@ -17,6 +17,9 @@ COMMAND_MODULES = [
     "synth",
     "inspect",
     "download",
+    "convert",
+    "split",
+    "reshard",
 ]
 
 app = typer.Typer(

@@ -75,7 +75,9 @@ def show_progress(json_mode: bool) -> bool:
 
 
 @contextmanager
-def progress_bar(total: float, description: str, enabled: bool, unit: str = "bytes") -> Iterator[Callable[[float], None]]:
+def progress_bar(
+    total: float, description: str, enabled: bool, unit: str = "bytes"
+) -> Iterator[Callable[[float], None]]:
     """A rich progress bar (bytes with rate and ETA, or a count); yields ``advance(n)``."""
     if not enabled:
         yield lambda n: None

@@ -122,7 +122,9 @@ class ModelConfig:
         """Validate a config.json dict; errors name the file and the field."""
         arch = d.get("model_type")
         if arch not in (None, "deepseek_v3"):
-            raise DSV3Error(f"{where}: model_type is {arch!r}, not deepseek_v3; point --model at a DeepSeek-V3 checkpoint")
+            raise DSV3Error(
+                f"{where}: model_type is {arch!r}, not deepseek_v3; point --model at a DeepSeek-V3 checkpoint"
+            )
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise DSV3Error(f"{where}: not a DeepSeek-V3 config, missing {', '.join(missing)}")
@@ -160,8 +162,14 @@ class ModelConfig:
         rules = [
             (self.n_routed_experts % self.n_group == 0, "n_routed_experts must be a multiple of n_group"),
             (0 < self.topk_group <= self.n_group, "topk_group must be in 1..n_group"),
-            (0 < self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok must be in 1..n_routed_experts"),
-            (0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace must be <= num_hidden_layers"),
+            (
+                0 < self.num_experts_per_tok <= self.n_routed_experts,
+                "num_experts_per_tok must be in 1..n_routed_experts",
+            ),
+            (
+                0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+                "first_k_dense_replace must be <= num_hidden_layers",
+            ),
             (self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even"),
             (self.scoring_func == "sigmoid", "scoring_func must be sigmoid"),
             (self.topk_method == "noaux_tc", "topk_method must be noaux_tc"),
@@ -202,7 +210,9 @@ class ModelConfig:
         if layer >= self.num_hidden_layers:
             return self.n_routed_experts > 0
         return (
-            self.n_routed_experts > 0 and layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+            self.n_routed_experts > 0
+            and layer >= self.first_k_dense_replace
+            and layer % self.moe_layer_freq == 0
         )
 
     @property

@@ -10,7 +10,17 @@ from dsv3tools.config import ModelConfig
 from dsv3tools.layout import model_weights, nbytes, storage
 
 GPU_COUNTS = (1, 8, 16, 32, 64, 128, 320)
-COMPONENTS = ("embed", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norm", "head", "mtp")
+COMPONENTS = (
+    "embed",
+    "attention",
+    "dense_mlp",
+    "routed_experts",
+    "shared_experts",
+    "router",
+    "norm",
+    "head",
+    "mtp",
+)
 
 
 def weight_bytes(cfg: ModelConfig, fmt: str, int4_scope: str = "experts", group: int = 128) -> int:
@@ -18,8 +28,11 @@ def weight_bytes(cfg: ModelConfig, fmt: str, int4_scope: str = "experts", group:
     total = 0
     for w in model_weights(cfg):
         f = fmt
-        if fmt == "int4" and int4_scope == "experts" and w.component not in ("routed_experts",) and not (
-            w.component == "mtp" and ".mlp.experts." in w.name
+        if (
+            fmt == "int4"
+            and int4_scope == "experts"
+            and w.component not in ("routed_experts",)
+            and not (w.component == "mtp" and ".mlp.experts." in w.name)
         ):
             f = "bf16"
         total += sum(nbytes(dt, sh) for dt, sh in storage(w, f, cfg.quant.block, group).values())
@@ -35,7 +48,8 @@ def memory_table(cfg: ModelConfig) -> dict[str, dict]:
         "int4_all": weight_bytes(cfg, "int4", "all"),
     }
     return {
-        fmt: {"total_bytes": b, "per_gpu_bytes": {str(n): -(-b // n) for n in GPU_COUNTS}} for fmt, b in formats.items()
+        fmt: {"total_bytes": b, "per_gpu_bytes": {str(n): -(-b // n) for n in GPU_COUNTS}}
+        for fmt, b in formats.items()
     }
 
 
@@ -56,7 +70,9 @@ def inspect_checkpoint(path: str | Path) -> dict:
         params[w.component] += w.numel
         if w.layer is not None and w.layer >= cfg.num_hidden_layers:
             p_mtp += w.numel
-            p_mtp_copies += w.numel if w.name.endswith(("embed_tokens.weight", "shared_head.head.weight")) else 0
+            p_mtp_copies += (
+                w.numel if w.name.endswith(("embed_tokens.weight", "shared_head.head.weight")) else 0
+            )
         else:
             p_main += w.numel
         group = "linear" if w.linear and w.quantizable else ("unquantized_linear" if w.linear else "tensor")
@@ -79,7 +95,9 @@ def inspect_checkpoint(path: str | Path) -> dict:
         "num_shards": len(ck.shards),
         "num_layers": cfg.num_hidden_layers,
         "mtp_layers": cfg.mtp_layers,
-        "components": {c: {"params": params[c], "formats": dict(fmt_groups[c])} for c in COMPONENTS if params[c]},
+        "components": {
+            c: {"params": params[c], "formats": dict(fmt_groups[c])} for c in COMPONENTS if params[c]
+        },
         "memory": memory_table(cfg),
         "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(),
         "kv_cache_values_per_token_per_layer": cfg.kv_lora_rank + cfg.qk_rope_head_dim,

@@ -9,7 +9,19 @@ from dataclasses import dataclass
 from dsv3tools.config import ModelConfig
 
 # safetensors dtype tags and their sizes
-DTYPE_BYTES = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+DTYPE_BYTES = {
+    "F8_E4M3": 1,
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I8": 1,
+    "U8": 1,
+    "I16": 2,
+    "I32": 4,
+    "I64": 8,
+    "BOOL": 1,
+}
 FORMATS = ("fp8", "bf16", "int4")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
@@ -73,7 +85,13 @@ def layer_weights(cfg: ModelConfig, layer: int) -> list[Weight]:
         _lin(f"{p}.self_attn.q_b_proj", nh * cfg.qk_head_dim, cfg.q_lora_rank, att, layer),
         _lin(f"{p}.self_attn.kv_a_proj_with_mqa", cfg.kv_lora_rank + cfg.qk_rope_head_dim, h, att, layer),
         Weight(f"{p}.self_attn.kv_a_layernorm.weight", (cfg.kv_lora_rank,), att, layer),
-        _lin(f"{p}.self_attn.kv_b_proj", nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, att, layer),
+        _lin(
+            f"{p}.self_attn.kv_b_proj",
+            nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            cfg.kv_lora_rank,
+            att,
+            layer,
+        ),
         _lin(f"{p}.self_attn.o_proj", h, nh * cfg.v_head_dim, att, layer),
         Weight(f"{p}.input_layernorm.weight", (h,), att, layer),
         Weight(f"{p}.post_attention_layernorm.weight", (h,), att, layer),
@@ -83,9 +101,19 @@ def layer_weights(cfg: ModelConfig, layer: int) -> list[Weight]:
     else:
         e = cfg.n_routed_experts
         ws.append(Weight(f"{p}.mlp.gate.weight", (e, h), "mtp" if mtp else "router", layer))
-        ws.append(Weight(f"{p}.mlp.gate.e_score_correction_bias", (e,), "mtp" if mtp else "router", layer, dtype="F32"))
+        ws.append(
+            Weight(
+                f"{p}.mlp.gate.e_score_correction_bias", (e,), "mtp" if mtp else "router", layer, dtype="F32"
+            )
+        )
         for j in range(e):
-            ws += _mlp(f"{p}.mlp.experts.{j}", cfg.moe_intermediate_size, h, "mtp" if mtp else "routed_experts", layer)
+            ws += _mlp(
+                f"{p}.mlp.experts.{j}",
+                cfg.moe_intermediate_size,
+                h,
+                "mtp" if mtp else "routed_experts",
+                layer,
+            )
         if cfg.n_shared_experts:
             inter = cfg.moe_intermediate_size * cfg.n_shared_experts
             ws += _mlp(f"{p}.mlp.shared_experts", inter, h, "mtp" if mtp else "shared_experts", layer)
@@ -114,7 +142,9 @@ def model_weights(cfg: ModelConfig) -> list[Weight]:
     return ws
 
 
-def storage(w: Weight, fmt: str, block: tuple[int, int] = (128, 128), group: int = 128) -> dict[str, tuple[str, tuple[int, ...]]]:
+def storage(
+    w: Weight, fmt: str, block: tuple[int, int] = (128, 128), group: int = 128
+) -> dict[str, tuple[str, tuple[int, ...]]]:
     """On-disk tensors of a logical weight in a storage format: ``{tensor name: (dtype, shape)}``.
 
     ``fmt`` is the weight's own format: ``fp8`` (codes + ``weight_scale_inv`` grid), ``int4``

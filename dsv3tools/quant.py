@@ -27,7 +27,9 @@ def scale_grid(shape: tuple[int, int] | torch.Size, block: tuple[int, int] = (12
     return cdiv(shape[0], block[0]), cdiv(shape[1], block[1])
 
 
-def expand_scale(s: torch.Tensor, shape: tuple[int, int], block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+def expand_scale(
+    s: torch.Tensor, shape: tuple[int, int], block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
     """Broadcast a block-scale grid to the full weight shape (float32), cropping ragged edges."""
     full = s.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return full[: shape[0], : shape[1]]
@@ -38,7 +40,9 @@ def fp8_block_dequant(
 ) -> torch.Tensor:
     """``dtype(float32(q) * s[i // b0, j // b1])`` for an FP8 weight and its scale grid."""
     if tuple(s.shape) != scale_grid(q.shape, block):
-        raise ValueError(f"scale grid {tuple(s.shape)} does not match weight {tuple(q.shape)} with block {block}")
+        raise ValueError(
+            f"scale grid {tuple(s.shape)} does not match weight {tuple(q.shape)} with block {block}"
+        )
     return (q.float() * expand_scale(s, tuple(q.shape), block)).to(dtype)
 
 

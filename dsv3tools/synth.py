@@ -78,32 +78,62 @@ REAL_CONFIG: dict = {
 # scaled-down presets keep the real block size (128) so ragged scale grids and int4 groups occur
 PRESETS: dict[str, dict] = {
     "tiny": {
-        "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 3,
-        "first_k_dense_replace": 1, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4,
-        "topk_group": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 128,
-        "kv_lora_rank": 128, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
-        "vocab_size": 512, "max_position_embeddings": 5120,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 128,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "vocab_size": 512,
+        "max_position_embeddings": 5120,
         "rope_scaling": dict(REAL_CONFIG["rope_scaling"], original_max_position_embeddings=128),
     },
     "small": {
-        "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 256, "num_hidden_layers": 4,
-        "first_k_dense_replace": 1, "n_routed_experts": 64, "num_experts_per_tok": 6, "n_group": 8,
-        "topk_group": 4, "num_attention_heads": 16, "num_key_value_heads": 16, "q_lora_rank": 384,
-        "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
-        "vocab_size": 4096, "max_position_embeddings": 32768,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "moe_intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 1,
+        "n_routed_experts": 64,
+        "num_experts_per_tok": 6,
+        "n_group": 8,
+        "topk_group": 4,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "q_lora_rank": 384,
+        "kv_lora_rank": 256,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "vocab_size": 4096,
+        "max_position_embeddings": 32768,
         "rope_scaling": dict(REAL_CONFIG["rope_scaling"], original_max_position_embeddings=1024),
     },
 }
 SHARD_CAP = {"tiny": 2 * 10**6, "small": 100 * 10**6, "real-shape": 4 * 10**9, "full": 4_250_000_000}
 
 
-def preset_config(preset: str, layers: int | None = None, experts: int | None = None, dtype: str = "fp8") -> dict:
+def preset_config(
+    preset: str, layers: int | None = None, experts: int | None = None, dtype: str = "fp8"
+) -> dict:
     """The config.json dict of a preset (``layers``/``experts`` cut the counts; ``full`` refuses cuts)."""
     if preset not in (*PRESETS, "real-shape", "full"):
         raise DSV3Error(f"unknown preset {preset!r}; use tiny, small, real-shape or full")
     cfg = dict(REAL_CONFIG, **PRESETS.get(preset, {}))
     if preset == "full" and (layers or experts):
-        raise DSV3Error("--preset full is the complete release; use --preset real-shape with --layers/--experts")
+        raise DSV3Error(
+            "--preset full is the complete release; use --preset real-shape with --layers/--experts"
+        )
     if preset == "real-shape":
         layers = layers or 4
         experts = experts or 16
@@ -179,15 +209,24 @@ def synthesize(
     fmt = "fp8" if dtype == "fp8" else "bf16"
     weights = model_weights(cfg)
     specs = [
-        OutSpec(name, dt, shape, key=w.name)
-        for w in weights
-        for name, (dt, shape) in storage(w, fmt).items()
+        OutSpec(name, dt, shape, key=w.name) for w in weights for name, (dt, shape) in storage(w, fmt).items()
     ]
     shards = plan_shards(specs, max_shard_bytes or SHARD_CAP[preset])
     out = Path(out_dir)
     job = WriteJob(
-        out, shards, _SynthProducer({w.name: w for w in weights}, seed, sparse), cfg_dict, "synth",
-        {"preset": preset, "seed": seed, "sparse": sparse, "dtype": dtype, "layers": layers, "experts": experts},
+        out,
+        shards,
+        _SynthProducer({w.name: w for w in weights}, seed, sparse),
+        cfg_dict,
+        "synth",
+        {
+            "preset": preset,
+            "seed": seed,
+            "sparse": sparse,
+            "dtype": dtype,
+            "layers": layers,
+            "experts": experts,
+        },
     )
     job.sparse = sparse
     job.extra_data = tokenizer_files(real=preset in ("real-shape", "full"))

@@ -8,7 +8,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,14 +17,23 @@ from pathlib import Path
 import torch
 
 from dsv3tools.errors import DSV3Error
+from dsv3tools.fsutil import atomic_copy, atomic_write_bytes, atomic_write_json, free_bytes, fsync_dir
 from dsv3tools.layout import nbytes
 
 STATE_DIR = ".dsv3tools"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 TORCH_DTYPES = {
-    "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-    "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
 }
 ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -62,7 +70,9 @@ def shard_name(i: int, n: int, prefix: str = "model") -> str:
     return f"{prefix}-{i + 1:05d}-of-{n:06d}.safetensors"
 
 
-def plan_shards(specs: Iterable[OutSpec], max_shard_bytes: int = DEFAULT_SHARD_BYTES, prefix: str = "model") -> list[ShardPlan]:
+def plan_shards(
+    specs: Iterable[OutSpec], max_shard_bytes: int = DEFAULT_SHARD_BYTES, prefix: str = "model"
+) -> list[ShardPlan]:
     """Greedy fill in order: a new shard starts when the next tensor would pass the cap."""
     groups: list[list[OutSpec]] = [[]]
     size = 0
@@ -73,37 +83,6 @@ def plan_shards(specs: Iterable[OutSpec], max_shard_bytes: int = DEFAULT_SHARD_B
         groups[-1].append(s)
         size += s.nbytes
     return [ShardPlan(shard_name(i, len(groups), prefix), g) for i, g in enumerate(groups) if g]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside ``path``, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
 
 
 def _header_bytes(tensors: list[OutSpec], metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
@@ -126,7 +105,9 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
-def write_shard(path: Path, plan: ShardPlan, produce: Producer, metadata: dict[str, str] | None = None) -> int:
+def write_shard(
+    path: Path, plan: ShardPlan, produce: Producer, metadata: dict[str, str] | None = None
+) -> int:
     """Stream one shard: header, then each tensor as it is produced (``None`` leaves a sparse hole)."""
     head, offsets = _header_bytes(plan.tensors, metadata)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -137,7 +118,9 @@ def write_shard(path: Path, plan: ShardPlan, produce: Producer, metadata: dict[s
             if t is None:
                 continue
             if ST_DTYPES.get(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape:
-                raise RuntimeError(f"{spec.name}: produced {t.dtype} {list(t.shape)}, planned {spec.dtype} {list(spec.shape)}")
+                raise RuntimeError(
+                    f"{spec.name}: produced {t.dtype} {list(t.shape)}, planned {spec.dtype} {list(spec.shape)}"
+                )
             f.seek(len(head) + off)
             f.write(tensor_bytes(t))
         total = len(head) + plan.nbytes
@@ -206,7 +189,9 @@ def _prepare_out_dir(job: WriteJob) -> None:
     if out.is_dir() and any(out.iterdir()):
         rec = json.loads(plan_file.read_text()) if plan_file.is_file() else None
         if rec is None:
-            raise DSV3Error(f"{out}: output folder is not empty and was not written by dsv3tools; choose another --out or empty it")
+            raise DSV3Error(
+                f"{out}: output folder is not empty and was not written by dsv3tools; choose another --out or empty it"
+            )
         if rec.get("fingerprint") != job.fingerprint:
             raise DSV3Error(
                 f"{out}: output folder holds a different {rec.get('command', 'job')} ({rec.get('options')}); "
@@ -214,20 +199,18 @@ def _prepare_out_dir(job: WriteJob) -> None:
             )
     (job.state_dir() / "done").mkdir(parents=True, exist_ok=True)
     if not plan_file.is_file():
-        atomic_write_json(plan_file, {"fingerprint": job.fingerprint, "command": job.command, "options": job.options})
+        atomic_write_json(
+            plan_file, {"fingerprint": job.fingerprint, "command": job.command, "options": job.options}
+        )
 
 
 def _check_space(job: WriteJob, todo: list[ShardPlan]) -> None:
     need = 0 if job.sparse else sum(s.nbytes for s in todo)
     free = free_bytes(job.out_dir)
     if need > free:
-        raise DSV3Error(f"{job.out_dir}: not enough disk space: need {need / 1e9:.2f} GB, free {free / 1e9:.2f} GB; free space or choose another --out")
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes at ``path``; env DSV3TOOLS_FAKE_FREE_BYTES overrides it (a test hook)."""
-    fake = os.environ.get("DSV3TOOLS_FAKE_FREE_BYTES")
-    return int(fake) if fake else shutil.disk_usage(path).free
+        raise DSV3Error(
+            f"{job.out_dir}: not enough disk space: need {need / 1e9:.2f} GB, free {free / 1e9:.2f} GB; free space or choose another --out"
+        )
 
 
 def _write_one(job: WriteJob, shard: ShardPlan) -> int:
@@ -293,7 +276,12 @@ def execute(
             raise RuntimeError(f"{job.out_dir}: shards not finished: {missing[:3]}")
         finish(job)
         complete = True
-    return {"written": [s.filename for s in todo], "skipped": skipped, "complete": complete, "bytes": job.total_bytes}
+    return {
+        "written": [s.filename for s in todo],
+        "skipped": skipped,
+        "complete": complete,
+        "bytes": job.total_bytes,
+    }
 
 
 def finish(job: WriteJob) -> None:
@@ -322,5 +310,8 @@ def non_weight_files(src: Path) -> dict[str, Path]:
     return {
         p.name: p
         for p in sorted(src.iterdir())
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in skip and not p.name.startswith(".")
+        if p.is_file()
+        and not p.name.endswith(".safetensors")
+        and p.name not in skip
+        and not p.name.startswith(".")
     }

@@ -11,8 +11,10 @@ from dsv3tools.errors import DSV3Error
 
 
 def _render(con: Console, r: dict) -> None:
-    con.print(f"[bold]{r['path']}[/]  format {r['format']}  {r['num_shards']} shards  {r['num_tensors']:,} tensors  "
-              f"{human_bytes(r['bytes_total'])}")
+    con.print(
+        f"[bold]{r['path']}[/]  format {r['format']}  {r['num_shards']} shards  {r['num_tensors']:,} tensors  "
+        f"{human_bytes(r['bytes_total'])}"
+    )
     t = Table(title="parameters by component")
     t.add_column("component")
     t.add_column("params", justify="right")
@@ -30,8 +32,10 @@ def _render(con: Console, r: dict) -> None:
     for fmt, v in r["memory"].items():
         m.add_row(fmt, *(human_bytes(v["per_gpu_bytes"][n]) for n in gpus))
     con.print(m)
-    con.print(f"MLA KV cache: {r['kv_cache_bytes_per_token']:,} bytes per token (bf16, "
-              f"{r['kv_cache_values_per_token_per_layer']} values per token per layer)")
+    con.print(
+        f"MLA KV cache: {r['kv_cache_bytes_per_token']:,} bytes per token (bf16, "
+        f"{r['kv_cache_values_per_token_per_layer']} values per token per layer)"
+    )
     for p in r["problems"][:20]:
         con.print(f"[red]problem:[/] {p}")
     if len(r["problems"]) > 20:

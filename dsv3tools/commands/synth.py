@@ -24,6 +24,13 @@ def register(app: typer.Typer) -> None:
         """Write a random checkpoint in the exact HF DeepSeek-V3 format, deterministic per seed."""
         from dsv3tools.synth import synthesize
 
-        r = synthesize(out, preset=preset, seed=seed, sparse=sparse, dtype=dtype, layers=layers, experts=experts)
-        emit(r, json, lambda con, r: con.print(
-            f"wrote {r['out']}: {r['tensors']:,} tensors, {human_bytes(r['bytes'])} in {r['shards']} shards"))
+        r = synthesize(
+            out, preset=preset, seed=seed, sparse=sparse, dtype=dtype, layers=layers, experts=experts
+        )
+        emit(
+            r,
+            json,
+            lambda con, r: con.print(
+                f"wrote {r['out']}: {r['tensors']:,} tensors, {human_bytes(r['bytes'])} in {r['shards']} shards"
+            ),
+        )
