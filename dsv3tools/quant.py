@@ -84,7 +84,7 @@ def int4_pack(q: torch.Tensor) -> torch.Tensor:
     if cols % 8:
         raise ValueError(f"int4 packing needs the input dimension to be a multiple of 8, got {cols}")
     nib = (q.to(torch.int64) + 8).view(out, cols // 8, 8)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
     words = (nib << shifts).sum(dim=-1)
     words = torch.where(words >= 2**31, words - 2**32, words)  # keep the bit pattern in int32
     return words.to(torch.int32)
@@ -92,7 +92,7 @@ def int4_pack(q: torch.Tensor) -> torch.Tensor:
 
 def int4_unpack(packed: torch.Tensor, cols: int | None = None) -> torch.Tensor:
     """Inverse of :func:`int4_pack`: int8 values in [-8, 7] of shape ``[out, cols]``."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     nib = (packed.unsqueeze(-1) >> shifts) & 0xF
     q = (nib.to(torch.int8) - 8).reshape(packed.shape[0], -1)
     return q if cols is None else q[:, :cols]

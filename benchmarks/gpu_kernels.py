@@ -1,0 +1,275 @@
+"""GPU check and benchmark of the dsv3tools Triton kernels on DeepSeek-V3's real Linear shapes. Run by hand.
+
+For every shape (q_b_proj, o_proj, expert gate/up, expert down) and M in 1, 16, 128, 4096 it first checks
+each kernel against its PyTorch twin (act_quant, weight_dequant, fp8_gemm, int4_weight_dequant, int4_gemm),
+then times it against ``torch.matmul`` in bf16 on the same shape and prints time, TFLOP/s, GB/s, the
+speedup over bf16 and the fraction of the card's bf16 matmul rate, measured in the same run on an
+8192^3 bf16 matmul.
+
+    python benchmarks/gpu_kernels.py [--m 1,16,128,4096] [--shapes q_b_proj,o_proj] [--json]
+    python benchmarks/gpu_kernels.py --interpret-smoke   # CPU, TRITON_INTERPRET=1, tiny shapes
+
+Exit codes: 0 all checks passed; 1 a kernel disagreed with its twin; 2 no CUDA device (without
+``--interpret-smoke``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+SHAPES = {  # name: (N = out_features, K = in_features)
+    "q_b_proj": (24576, 1536),
+    "o_proj": (7168, 16384),
+    "expert_gate_up": (2048, 7168),
+    "expert_down": (7168, 2048),
+}
+SMOKE_SHAPES = {"kv_a_ragged": (576, 256), "ragged_k": (130, 200)}
+FP8_GEMM_TOL = 5e-3  # max |kernel - twin| / max |twin|; Hopper fp8 MMA accumulates 128-wide steps coarsely
+INT4_GEMM_TOL = 1e-3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--m", default="1,16,128,4096", help="comma-separated token counts M")
+    p.add_argument(
+        "--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ", ".join(SHAPES)
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--interpret-smoke", action="store_true", help="run the check path on tiny CPU shapes")
+    return p.parse_args(argv)
+
+
+def timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds per call: median of triton.testing.do_bench on CUDA, one timed call on CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def cpu(fn: Callable[[], object]) -> float:  # the smoke run: no compile step, no warmup
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return cpu
+
+
+def rel_err(got, want) -> float:
+    """max |got - want| / max |want| in float64."""
+    got, want = got.double(), want.double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def make_weights(n: int, k: int, device: str, gen) -> dict:
+    """Random FP8 block-quantized and int4 pack-quantized weights of shape [n, k] (no quantizer needed)."""
+    import torch
+
+    from dsv3tools.quant import cdiv
+
+    w = torch.randn(n, k, generator=gen, device=device, dtype=torch.float32) * 0.02
+    q = (torch.randn(n, k, generator=gen, device=device) * 96).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.rand(cdiv(n, 128), cdiv(k, 128), generator=gen, device=device) * 1e-3 + 1e-4
+    lo, hi = -(2**31), 2**31 - 1  # every int32 bit pattern is 8 valid nibbles
+    packed = torch.randint(lo, hi, (n, k // 8), generator=gen, device=device, dtype=torch.int64).to(
+        torch.int32
+    )
+    group = 128 if k % 128 == 0 else 8  # 8: the dequant + matmul fallback, for the ragged-K smoke shape
+    scale = (torch.rand(n, k // group, generator=gen, device=device) * 2e-3 + 1e-4).to(torch.bfloat16)
+    return {"w_bf16": w.to(torch.bfloat16), "q": q, "s": s, "packed": packed, "scale": scale, "group": group}
+
+
+def check_shape(wts: dict, m: int, gen) -> list[str]:
+    """Every kernel vs its twin at one shape and M; returns failure lines (empty = all good)."""
+    import torch
+
+    from dsv3tools.kernels import fp8, int4
+    from dsv3tools.kernels import reference as ref
+
+    n, k = wts["q"].shape
+    dev = wts["q"].device
+    x = (torch.randn(m, k, generator=gen, device=dev) * torch.rand(m, 1, generator=gen, device=dev) * 4).to(
+        torch.bfloat16
+    )
+    bad = []
+    y, ys = fp8.act_quant(x)
+    ry, rys = ref.act_quant(x)
+    if not torch.equal(ys, rys) or not torch.equal(y.view(torch.uint8), ry.view(torch.uint8)):
+        bad.append(f"act_quant [{m},{k}] differs from the twin")
+    if m == 1:  # weight-only kernels: once per shape
+        if not torch.equal(fp8.weight_dequant(wts["q"], wts["s"]), ref.weight_dequant(wts["q"], wts["s"])):
+            bad.append(f"weight_dequant [{n},{k}] differs from the twin")
+        shape = (n, k)
+        got = int4.int4_weight_dequant(wts["packed"], wts["scale"], shape)
+        if not torch.equal(got, ref.int4_weight_dequant(wts["packed"], wts["scale"], shape)):
+            bad.append(f"int4_weight_dequant [{n},{k}] differs from the twin")
+    err = rel_err(
+        fp8.fp8_gemm(y, ys, wts["q"], wts["s"], torch.float32),
+        ref.fp8_gemm(ry, rys, wts["q"], wts["s"], torch.float32),
+    )
+    if not err <= FP8_GEMM_TOL:
+        bad.append(f"fp8_gemm M={m} [{n},{k}] rel err {err:.2e} > {FP8_GEMM_TOL}")
+    got = int4.int4_gemm(x, wts["packed"], wts["scale"], wts["group"], torch.float32)
+    err = rel_err(got, ref.int4_gemm(x, wts["packed"], wts["scale"], wts["group"], torch.float32))
+    if not err <= INT4_GEMM_TOL:
+        bad.append(f"int4_gemm M={m} [{n},{k}] rel err {err:.2e} > {INT4_GEMM_TOL}")
+    return bad
+
+
+def bf16_peak(device: str, bench) -> float:
+    """The card's bf16 matmul rate in TFLOP/s, measured now (8192^3 on CUDA, 512^3 on CPU)."""
+    import torch
+
+    size = 8192 if device == "cuda" else 512
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    return 2 * size**3 / (bench(lambda: torch.matmul(a, b)) * 1e-3) / 1e12
+
+
+def time_shape(wts: dict, m: int, bench, peak: float, gen) -> list[dict]:
+    """Time bf16 matmul and each kernel at one shape and M; one row per kernel."""
+    import torch
+
+    from dsv3tools.kernels import dispatch, fp8, int4
+
+    n, k = wts["q"].shape
+    dev = wts["q"].device
+    x = torch.randn(m, k, generator=gen, device=dev).to(torch.bfloat16)
+    xq, xs = fp8.act_quant(x)
+    flops = 2 * m * n * k
+    io = 2 * m * k + 2 * m * n  # bf16 activations in, bf16 out
+    fp8_w = n * k + 4 * wts["s"].numel()
+    int4_w = n * k // 2 + 2 * wts["scale"].numel()
+    cases = [
+        ("bf16 torch.matmul", lambda: torch.matmul(x, wts["w_bf16"].T), 2 * n * k + io, flops),
+        (
+            "fp8_gemm",
+            lambda: fp8.fp8_gemm(xq, xs, wts["q"], wts["s"]),
+            fp8_w + m * k + 4 * xs.numel() + 2 * m * n,
+            flops,
+        ),
+        (
+            "fp8_linear (act_quant+gemm)",
+            lambda: dispatch.fp8_linear(x, wts["q"], wts["s"], "triton"),
+            fp8_w + io,
+            flops,
+        ),
+        (
+            "int4_gemm",
+            lambda: int4.int4_gemm(x, wts["packed"], wts["scale"], wts["group"]),
+            int4_w + io,
+            flops,
+        ),
+    ]
+    if m == 1:
+        cases.append(("weight_dequant", lambda: fp8.weight_dequant(wts["q"], wts["s"]), fp8_w + 2 * n * k, 0))
+        shape = (n, k)
+        cases.append(
+            (
+                "int4_weight_dequant",
+                lambda: int4.int4_weight_dequant(wts["packed"], wts["scale"], shape),
+                int4_w + 2 * n * k,
+                0,
+            )
+        )
+    rows, base_ms = [], None
+    for name, fn, nbytes, fl in cases:
+        ms = bench(fn)
+        base_ms = ms if base_ms is None else base_ms
+        tflops = fl / (ms * 1e-3) / 1e12
+        rows.append(
+            {
+                "kernel": name, "N": n, "K": k, "M": m, "ms": ms, "tflops": tflops,
+                "gbps": nbytes / (ms * 1e-3) / 1e9, "frac_bf16_peak": tflops / peak if peak else 0.0,
+                "speedup_vs_bf16": base_ms / ms if fl else None,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    head = f"{'shape':>14} {'M':>5} {'kernel':<28} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'of peak':>8} {'vs bf16':>8}"
+    print(head)
+    for r in rows:
+        sp = "" if r["speedup_vs_bf16"] is None else f"{r['speedup_vs_bf16']:.2f}x"
+        print(
+            f"{r['N']:>6}x{r['K']:<7} {r['M']:>5} {r['kernel']:<28} {r['ms']:>9.4f} {r['tflops']:>8.1f} "
+            f"{r['gbps']:>8.0f} {r['frac_bf16_peak']:>8.1%} {sp:>8}"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    device = "cpu" if args.interpret_smoke else "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 twins must really be fp32
+    shapes = SMOKE_SHAPES if args.interpret_smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
+    ms = [1, 3] if args.interpret_smoke else [int(v) for v in args.m.split(",")]
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bench = timer(device)
+    peak = bf16_peak(device, bench)
+    failures, rows = [], []
+    for name, (n, k) in shapes.items():
+        wts = make_weights(n, k, device, gen)
+        for m in ms:
+            failures += [f"{name}: {line}" for line in check_shape(wts, m, gen)]
+            rows += time_shape(wts, m, bench, peak, gen)
+        del wts
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "device": device_name(device),
+                    "bf16_peak_tflops": peak,
+                    "seed": seed,
+                    "rows": rows,
+                    "failures": failures,
+                }
+            )
+        )
+    else:
+        print(f"device: {device_name(device)}   measured bf16 matmul peak: {peak:.1f} TFLOP/s   seed: {seed}")
+        print_rows(rows)
+        print(
+            "checks: all kernels match their twins"
+            if not failures
+            else "CHECK FAILURES:\n  " + "\n  ".join(failures)
+        )
+    return 1 if failures else 0
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.interpret_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before dsv3tools.kernels / triton kernels are imported
+    import torch
+
+    if not args.interpret_smoke and not torch.cuda.is_available():
+        print(
+            "gpu_kernels.py needs a CUDA GPU (none found); run with --interpret-smoke to exercise the "
+            "check path on CPU under TRITON_INTERPRET=1",
+            file=sys.stderr,
+        )
+        return 2
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        print(
+            f"unknown shape(s) {', '.join(sorted(unknown))}; choose from {', '.join(SHAPES)}", file=sys.stderr
+        )
+        return 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
