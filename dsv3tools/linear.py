@@ -1,0 +1,118 @@
+"""Linear layers over any stored weight format, and the one ``linear(x, layer)`` that picks the computation.
+
+A :class:`Linear` holds exactly the tensors the checkpoint stores under its module prefix (HF names):
+``weight`` (bf16/float, or e4m3 codes) with ``weight_scale_inv`` (FP8 block grid), or compressed-tensors
+int4 ``weight_packed`` / ``weight_scale`` / ``weight_shape``. Nothing is allocated at construction; the
+loader attaches (memory-mapped) tensors afterwards, so a model is never materialized twice.
+
+Backends (model-wide): ``dequant`` dequantizes the weight to the compute dtype per use (for FP8 exactly the
+converter's ``bf16(float32(q) * s)``, so an FP8 checkpoint and its bf16 conversion give identical logits);
+``torch`` / ``triton`` run the kernels' schemes (FP8 activation quantization + block-scaled GEMM, int4
+W4A16) through :mod:`dsv3tools.kernels.dispatch`; ``auto`` is ``triton`` on CUDA where the kernels run and
+``dequant`` everywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3tools.errors import DSV3Error
+from dsv3tools.quant import fp8_block_dequant, int4_dequant
+
+MODEL_BACKENDS = ("auto", "dequant", "torch", "triton")
+TENSOR_SUFFIXES = ("weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape")
+
+
+def resolve_model_backend(backend: str, device: torch.device | str) -> str:
+    """``auto`` -> ``triton`` on a CUDA device whose GPU runs the FP8 kernels, else ``dequant``."""
+    if backend not in MODEL_BACKENDS:
+        raise DSV3Error(f"unknown backend {backend!r}; use one of {', '.join(MODEL_BACKENDS)}")
+    if backend == "dequant":
+        return backend
+    from dsv3tools.kernels.dispatch import resolve_backend
+
+    if backend == "auto":
+        return "triton" if resolve_backend("auto", device, fp8=True) == "triton" else "dequant"
+    return resolve_backend(backend, device)
+
+
+class Linear(nn.Module):
+    """A bias-free linear whose stored tensors are attached after construction (HF tensor names)."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128)):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
+        self.backend = "dequant"
+        for name in TENSOR_SUFFIXES:
+            self.register_buffer(name, None)
+
+    @property
+    def fmt(self) -> str:
+        """``int4``, ``fp8``, ``float`` (bf16/f16/f32 weight) or ``empty`` (nothing attached)."""
+        if self.weight_packed is not None:
+            return "int4"
+        if self.weight_scale_inv is not None:
+            return "fp8"
+        return "float" if self.weight is not None else "empty"
+
+    def clear(self) -> None:
+        """Drop the attached tensors (layer streaming)."""
+        for name in TENSOR_SUFFIXES:
+            if name in self._parameters:
+                del self._parameters[name]
+                self.register_buffer(name, None)
+            else:
+                setattr(self, name, None)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self)
+
+
+def fp8_dequant_bf16(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``bf16(float32(q) * s)``, bit-identical to ``quant.fp8_block_dequant``; a broadcast instead of
+    expanding the scale grid when the blocks tile the weight exactly."""
+    (rows, cols), (b0, b1) = q.shape, block
+    if rows % b0 or cols % b1 or tuple(s.shape) != (rows // b0, cols // b1):
+        return fp8_block_dequant(q, s, block, torch.bfloat16)
+    w = q.to(torch.float32).view(rows // b0, b0, cols // b1, b1) * s.float()[:, None, :, None]
+    return w.view(rows, cols).to(torch.bfloat16)
+
+
+def dequant_weight(layer: Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight ``[out, in]`` in ``dtype`` (FP8 through bf16, as the converter writes it)."""
+    fmt = layer.fmt
+    if fmt == "float":
+        return layer.weight if layer.weight.dtype == dtype else layer.weight.to(dtype)
+    if fmt == "fp8":
+        w = fp8_dequant_bf16(layer.weight, layer.weight_scale_inv, layer.block)
+        return w if dtype == torch.bfloat16 else w.to(dtype)
+    if fmt == "int4":
+        packed, scale = layer.weight_packed, layer.weight_scale
+        shape = (packed.shape[0], packed.shape[1] * 8)
+        if packed.device.type != "cpu":
+            from dsv3tools.kernels.reference import int4_weight_dequant
+
+            return int4_weight_dequant(packed, scale, shape, dtype)
+        return int4_dequant(packed, scale, shape, dtype)
+    raise DSV3Error("a linear layer has no weights attached; load the model with dsv3tools.load_model")
+
+
+def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
+    """``x @ W.T`` for the layer's stored format on the layer's backend; output in ``x.dtype``."""
+    fmt, backend = layer.fmt, layer.backend
+    if fmt == "fp8" and backend in ("torch", "triton"):
+        from dsv3tools.kernels.dispatch import fp8_linear
+
+        return fp8_linear(x, layer.weight, layer.weight_scale_inv, backend)
+    if fmt == "int4" and backend == "triton":
+        from dsv3tools.kernels.dispatch import int4_linear
+
+        packed, scale = layer.weight_packed, layer.weight_scale
+        shape = (packed.shape[0], packed.shape[1] * 8)
+        return int4_linear(x, packed, scale, shape, shape[1] // scale.shape[1], backend)
+    return F.linear(x, dequant_weight(layer, x.dtype))

@@ -1,0 +1,260 @@
+"""The DeepSeek-V3 forward in plain PyTorch: embedding, decoder blocks (MLA + dense MLP or MoE), final norm
+and head, the MTP module(s), KV caches for incremental decoding, padding masks and routing statistics.
+
+Module paths mirror the HF tensor names (``model.layers.3.mlp.experts.7.up_proj`` ...), so a checkpoint
+tensor attaches to ``model.get_submodule(prefix)`` under its own suffix; see :mod:`dsv3tools.model_io` for
+loading (memory-mapped, or streamed layer by layer), random init and saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3tools.config import ModelConfig
+from dsv3tools.linear import Linear, resolve_model_backend
+from dsv3tools.model_attention import MLA, LayerCache, RMSNorm
+from dsv3tools.model_moe import MLP, MoE
+from dsv3tools.rope import cos_sin, inv_freq
+
+
+class Embedding(nn.Module):
+    """Token embedding table ``weight [vocab, hidden]`` (attached after construction)."""
+
+    def __init__(self, vocab: int, dim: int):
+        super().__init__()
+        self.vocab, self.dim = vocab, dim
+        self.register_buffer("weight", None)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids.to(self.weight.device), self.weight)
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm and head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.quant.block)
+
+
+class Block(nn.Module):
+    """One decoder layer; an MTP layer (id >= num_hidden_layers) also owns its input and output extras."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, attn_impl: str, expert_ids: list[int] | None = None):
+        super().__init__()
+        h, eps, blk = cfg.hidden_size, cfg.rms_norm_eps, cfg.quant.block
+        self.layer_id = layer
+        self.self_attn = MLA(cfg, attn_impl)
+        self.mlp = MoE(cfg, expert_ids) if cfg.is_moe(layer) else MLP(h, cfg.intermediate_size, blk)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        if layer >= cfg.num_hidden_layers:
+            self.embed_tokens = Embedding(cfg.vocab_size, h)
+            self.enorm = RMSNorm(h, eps)
+            self.hnorm = RMSNorm(h, eps)
+            self.eh_proj = Linear(2 * h, h, blk)
+            self.shared_head = SharedHead(cfg)
+
+    def forward(self, x, rope, allowed, start_pos: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, allowed, start_pos, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """``model.*``: embedding, the main and MTP layers keyed by layer id, final norm."""
+
+    def __init__(self, cfg: ModelConfig, attn_impl: str, expert_ids: list[int] | None):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, attn_impl, expert_ids) for i in cfg.all_layers})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class ModelCache:
+    """Per-layer compressed KV caches (main and MTP layers, keyed by layer id) and the key padding mask."""
+
+    layers: dict[int, LayerCache]
+    mask: torch.Tensor  # bool [B, max_len]; False = padding
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.shape[1]
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3 over attached weights in any stored format; returns float32 logits."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        attn_impl: str = "absorb",
+        backend: str = "dequant",
+        device: torch.device | str = "cpu",
+        expert_ids: list[int] | None = None,
+    ):
+        super().__init__()
+        self.config, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.tokenizer_path = None
+        self.streamer = None  # set by model_io for layer streaming (offload)
+        self.model = Decoder(cfg, attn_impl, expert_ids)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.quant.block)
+        self.register_buffer("freqs", inv_freq(cfg).to(self.device), persistent=False)
+        self.set_backend(backend)
+
+    # ---- configuration -----------------------------------------------------------------------------
+    def set_backend(self, backend: str) -> None:
+        """Route every linear through ``backend`` (auto | dequant | torch | triton)."""
+        resolved = resolve_model_backend(backend, self.device)
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.backend = resolved
+        self.backend = resolved
+
+    def set_attn_impl(self, attn_impl: str) -> None:
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.attn_impl = attn_impl
+
+    def record_routing(self, on: bool = True) -> None:
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.record = on
+
+    def reset_routing(self) -> None:
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.counts.zero_()
+
+    def routing_counts(self) -> dict[int, torch.Tensor]:
+        """Tokens routed to each expert per MoE layer since the last reset (MTP layers included)."""
+        return {int(k): b.mlp.counts.clone() for k, b in self.model.layers.items() if isinstance(b.mlp, MoE)}
+
+    def new_cache(self, batch_size: int, max_len: int) -> ModelCache:
+        """Empty caches for ``batch_size`` sequences of up to ``max_len`` positions (main + MTP layers)."""
+        layers = {
+            i: LayerCache.empty(self.config, batch_size, max_len, self.dtype, self.device)
+            for i in self.config.all_layers
+        }
+        return ModelCache(layers, torch.ones(batch_size, max_len, dtype=torch.bool, device=self.device))
+
+    # ---- masks and positions -----------------------------------------------------------------------
+    def _key_mask(
+        self, attention_mask, cache: ModelCache | None, start_pos: int, b: int, t: int
+    ) -> torch.Tensor | None:
+        """Bool key mask over the attended keys (``[B, start_pos + T]`` with a cache, else ``[B, T]``)."""
+        end = start_pos + t
+        m = None if attention_mask is None else attention_mask.to(device=self.device, dtype=torch.bool)
+        if cache is None:
+            if m is not None and m.shape != (b, t):
+                raise ValueError(
+                    f"attention_mask must be [B, T] = {[b, t]} without a cache, got {list(m.shape)}"
+                )
+            return m
+        if m is not None:
+            if m.shape == (b, end):
+                cache.mask[:b, :end] = m
+            elif m.shape == (b, t):
+                cache.mask[:b, start_pos:end] = m
+            else:
+                raise ValueError(f"attention_mask must be [B, {end}] or [B, {t}], got {list(m.shape)}")
+        return cache.mask[:b, :end]
+
+    def _rope_and_mask(self, key_mask, cache, start_pos: int, b: int, t: int):
+        """Per-token cos/sin (positions count only non-padding tokens) and the bool attention mask."""
+        q_off = start_pos if cache is not None else 0
+        n_keys = start_pos + t if cache is not None else t
+        if key_mask is None:
+            pos = torch.arange(start_pos, start_pos + t, device=self.device).expand(b, t)
+        else:
+            pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, -t:] + (start_pos - q_off)
+        rope = cos_sin(self.freqs, pos)
+        if key_mask is None and t == 1:
+            return rope, None
+        q_idx = torch.arange(q_off, q_off + t, device=self.device)[:, None]
+        k_idx = torch.arange(n_keys, device=self.device)[None, :]
+        allowed = (k_idx <= q_idx).unsqueeze(0)
+        if key_mask is not None:
+            allowed = allowed & (key_mask[:, None, :] | (k_idx == q_idx))
+        return rope, allowed.unsqueeze(1)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stream(self, unit: int | str) -> Iterator[None]:
+        """Load a unit's weights for its use (layer streaming); a no-op when everything is attached."""
+        if self.streamer is None:
+            yield
+            return
+        with self.streamer.use(self, unit):
+            yield
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        start_pos: int = 0,
+        cache: ModelCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ):
+        """Logits float32 ``[B, T, vocab]`` (and post-norm hidden ``[B, T, H]`` with ``return_hidden``)."""
+        b, t = input_ids.shape
+        key_mask = self._key_mask(attention_mask, cache, start_pos, b, t)
+        rope, allowed = self._rope_and_mask(key_mask, cache, start_pos, b, t)
+        with self._stream("embed"):
+            h = self.model.embed_tokens(input_ids).to(self.dtype)
+        for i in range(self.config.num_hidden_layers):
+            with self._stream(i):
+                h = self.model.layers[str(i)](h, rope, allowed, start_pos, cache.layers[i] if cache else None)
+        with self._stream("head"):
+            h = self.model.norm(h)
+            logits = self.lm_head(h).float()
+        return (logits, h) if return_hidden else logits
+
+    def mtp_forward(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        *,
+        depth: int = 0,
+        start_pos: int = 0,
+        cache: ModelCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module ``depth`` (SPEC sec. 4): ``hidden`` is the main model's post-norm state at positions
+        ``i`` (or the previous depth's output), ``next_ids`` the tokens ``i + 1``. Returns (float32 logits,
+        the post ``shared_head.norm`` hidden state to chain into the next depth)."""
+        layer = self.config.num_hidden_layers + depth
+        if depth >= self.config.num_nextn_predict_layers:
+            raise ValueError(
+                f"MTP depth {depth}: the checkpoint has {self.config.num_nextn_predict_layers} MTP layers"
+            )
+        b, t = next_ids.shape
+        key_mask = self._key_mask(attention_mask, cache, start_pos, b, t)
+        rope, allowed = self._rope_and_mask(key_mask, cache, start_pos, b, t)
+        with self._stream(layer):
+            blk = self.model.layers[str(layer)]
+            e = blk.enorm(blk.embed_tokens(next_ids).to(self.dtype))
+            x = blk.eh_proj(torch.cat([e, blk.hnorm(hidden.to(self.dtype))], dim=-1))
+            x = blk(x, rope, allowed, start_pos, cache.layers[layer] if cache else None)
+            out = blk.shared_head.norm(x)
+            logits = blk.shared_head.head(out).float()
+        return logits, out
+
+    @classmethod
+    def init_random(
+        cls, cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0, **kw
+    ) -> Transformer:
+        """A trainable model: float Parameters initialized like ``dsv3tools.synth.random_weight``."""
+        from dsv3tools.model_io import init_random
+
+        return init_random(cls(cfg, dtype=dtype, **kw), seed)

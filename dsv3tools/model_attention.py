@@ -1,0 +1,135 @@
+"""Multi-head latent attention (MLA, SPEC sec. 4) and its compressed KV cache.
+
+Both paths share one cache: per token the normed latent ``c_kv`` (kv_lora_rank values) and the rotated
+``k_pe`` (qk_rope_head_dim values), i.e. 576 values per token per layer at real size.
+
+- ``naive``: expands ``kv_b(c_kv)`` into per-head ``k_nope | v`` over all cached positions.
+- ``absorb``: folds W_UK into the query and W_UV after attention, attending over the latent directly
+  (one shared 576-dim key and 512-dim value, like multi-query attention).
+
+The local head count comes from the weights (``q_b_proj`` rows / qk_head_dim), so a tensor-parallel rank
+holding a slice of the heads runs the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3tools.config import ModelConfig
+from dsv3tools.linear import Linear, dequant_weight
+from dsv3tools.rope import apply_rope
+
+ATTN_IMPLS = ("naive", "absorb")
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` in float32, result in the input dtype; ``weight`` attached after construction."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.register_buffer("weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight.to(x.dtype)
+
+
+@dataclass
+class LayerCache:
+    """Compressed KV cache of one layer: ``kv [B, max_len, kv_lora_rank]``, ``pe [B, max_len, rope_dim]``."""
+
+    kv: torch.Tensor
+    pe: torch.Tensor
+
+    @classmethod
+    def empty(
+        cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> LayerCache:
+        kv = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        pe = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        return cls(kv, pe)
+
+    def update(self, kv: torch.Tensor, pe: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions ``start..start+T`` and return everything up to there."""
+        end = start + kv.shape[1]
+        if end > self.kv.shape[1]:
+            raise ValueError(f"KV cache holds {self.kv.shape[1]} positions; asked to write up to {end}")
+        b = kv.shape[0]
+        self.kv[:b, start:end] = kv.to(self.kv.dtype)
+        self.pe[:b, start:end] = pe.to(self.pe.dtype)
+        return self.kv[:b, :end], self.pe[:b, :end]
+
+
+class MLA(nn.Module):
+    """DeepSeek-V3 attention with a compressed query and key/value latent."""
+
+    def __init__(self, cfg: ModelConfig, attn_impl: str = "absorb"):
+        super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        h, nh, blk = cfg.hidden_size, cfg.num_attention_heads, cfg.quant.block
+        self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank, self.scale, self.attn_impl = cfg.kv_lora_rank, cfg.softmax_scale, attn_impl
+        self.q_a_proj = Linear(h, cfg.q_lora_rank, blk)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, blk)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, blk)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), blk)
+        self.o_proj = Linear(nh * cfg.v_head_dim, h, blk)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        allowed: torch.Tensor | None,
+        start_pos: int = 0,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """``x [B, T, H]``; ``allowed`` bool mask ``[B|1, 1, T, S]`` (True: attend; None: attend to all)."""
+        b, t, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, -1, self.nope + self.rope)  # local heads from the weight's rows
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, *rope)
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        kv = self.kv_a_layernorm(kv)
+        k_pe = apply_rope(k_pe, *rope)
+        if cache is not None:
+            kv, k_pe = cache.update(kv, k_pe, start_pos)
+        if self.attn_impl == "naive":
+            out = self._naive(q_nope, q_pe, kv, k_pe, allowed)
+        else:
+            out = self._absorb(q_nope, q_pe, kv, k_pe, allowed)
+        return self.o_proj(out.reshape(b, t, -1))
+
+    def _naive(self, q_nope, q_pe, kv, k_pe, allowed) -> torch.Tensor:
+        b, s, _ = kv.shape
+        kvb = self.kv_b_proj(kv).view(b, s, -1, self.nope + self.vdim)
+        k_nope, v = kvb.split([self.nope, self.vdim], dim=-1)
+        nh = k_nope.shape[2]
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(b, s, nh, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, scale=self.scale
+        )
+        return out.transpose(1, 2)  # [B, T, nh, v]
+
+    def _absorb(self, q_nope, q_pe, kv, k_pe, allowed) -> torch.Tensor:
+        w = dequant_weight(self.kv_b_proj, q_nope.dtype).view(-1, self.nope + self.vdim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)  # [B, nh, T, rank + rope]
+        k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1)  # [B, 1, S, rank + rope]
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = scores.softmax(dim=-1).to(kv.dtype)
+        o_lat = torch.matmul(probs, kv.unsqueeze(1))  # [B, nh, T, rank]
+        return torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)

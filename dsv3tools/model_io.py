@@ -1,0 +1,241 @@
+"""Loading, streaming, random init and saving of :class:`dsv3tools.model.Transformer` weights.
+
+- :func:`load_model`: builds the modules (they allocate nothing) and attaches the checkpoint's tensors by
+  their HF names, memory-mapped through ``Checkpoint.get`` (FP8 codes + scales, int4 packed + scales and
+  bf16 stay in their stored form), or, with ``offload=True``, streams each layer's tensors from disk
+  when the layer runs and drops them after (:class:`LayerStreamer`).
+- :func:`init_random` / :func:`save_checkpoint`: trainable float Parameters and an HF-format checkpoint
+  written through :mod:`dsv3tools.writer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.config import ModelConfig
+from dsv3tools.errors import DSV3Error
+from dsv3tools.layout import Weight, layer_of, model_weights, storage
+from dsv3tools.linear import Linear, dequant_weight
+from dsv3tools.model import Embedding, Transformer
+from dsv3tools.model_attention import RMSNorm
+from dsv3tools.model_moe import Gate
+from dsv3tools.quant import fp8_block_quant
+from dsv3tools.writer import TORCH_DTYPES, OutSpec, WriteJob, execute, plan_shards
+
+FP8_QUANT_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
+HEAD_NAMES = ("model.norm.weight", "lm_head.weight")
+EMBED_NAME = "model.embed_tokens.weight"
+
+
+def attach(model: nn.Module, name: str, tensor: torch.Tensor | None) -> bool:
+    """Set the tensor ``name`` (HF name) on its module; False if the model has no such module."""
+    prefix, _, suffix = name.rpartition(".")
+    try:
+        module = model.get_submodule(prefix)
+    except AttributeError:
+        return False
+    if suffix not in module._buffers and suffix not in module._parameters:
+        return False
+    if tensor is None and suffix in module._parameters:
+        del module._parameters[suffix]
+        module.register_buffer(suffix, None)
+    else:
+        setattr(module, suffix, tensor)
+    return True
+
+
+def missing_weights(model: Transformer) -> list[str]:
+    """Module paths (HF prefixes) that have no weights attached."""
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, Linear) and m.fmt == "empty":
+            out.append(path)
+        elif isinstance(m, (RMSNorm, Embedding, Gate)) and m.weight is None:
+            out.append(f"{path}.weight")
+        elif isinstance(m, Gate) and m.e_score_correction_bias is None:
+            out.append(f"{path}.e_score_correction_bias")
+    return out
+
+
+class LayerStreamer:
+    """Reads one unit's tensors (a layer, or the final norm + head) into fresh memory when it runs and
+    drops them afterwards, so peak memory stays at about one layer plus activations and caches."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device):
+        self.ckpt, self.device = ckpt, device
+        self.units: dict[int | str, list[str]] = {"head": [n for n in HEAD_NAMES if n in ckpt.weight_map]}
+        for name in ckpt.weight_map:
+            layer = layer_of(name)
+            if layer is not None:
+                self.units.setdefault(layer, []).append(name)
+        self._data_start: dict[str, int] = {}
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor read with ``pread`` into a new buffer (no mmap that would keep pages resident)."""
+        info = self.ckpt.info(name)
+        path = self.ckpt.path / info.shard
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if info.shard not in self._data_start:
+                self._data_start[info.shard] = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
+            view, pos, off = memoryview(buf.numpy()), 0, self._data_start[info.shard] + info.offsets[0]
+            while pos < info.nbytes:
+                n = os.preadv(fd, [view[pos:]], off + pos)
+                if n <= 0:
+                    raise DSV3Error(f"{path}: truncated while reading {name}; re-download the shard")
+                pos += n
+        finally:
+            os.close(fd)
+        t = buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        return t.to(self.device) if self.device.type != "cpu" else t
+
+    @contextlib.contextmanager
+    def use(self, model: nn.Module, unit: int | str) -> Iterator[None]:
+        names = self.units.get(unit, [])
+        try:
+            for name in names:
+                attach(model, name, self.read(name))
+            yield
+        finally:
+            for name in names:
+                attach(model, name, None)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    offload: bool = False,
+    attn_impl: str = "absorb",
+) -> Transformer:
+    """A :class:`Transformer` over the checkpoint at ``path`` (fp8, bf16 or int4), weights attached in place.
+
+    ``dtype`` is the compute dtype (default bf16); ``backend`` auto | dequant | torch | triton (auto: the
+    exact dequantizing path on CPU, the Triton kernels on CUDA); ``offload`` streams layers from disk.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DSV3Error("--device cuda: no CUDA device is available; use --device cpu")
+    ckpt = Checkpoint(path)
+    model = Transformer(
+        ckpt.config, dtype=dtype or torch.bfloat16, attn_impl=attn_impl, backend=backend, device=device
+    )
+    if offload:
+        model.streamer = LayerStreamer(ckpt, device)
+        _attach_from(model, ckpt, [EMBED_NAME], device)
+        absent = [
+            u
+            for u in (*ckpt.config.all_layers[: ckpt.config.num_hidden_layers], "head")
+            if not model.streamer.units.get(u)
+        ]
+        if absent:
+            raise DSV3Error(f"{ckpt.path}: no tensors for layer {absent[0]}; the checkpoint is incomplete")
+    else:
+        _attach_from(model, ckpt, list(ckpt.weight_map), device)
+        missing = [m for m in missing_weights(model) if not _is_absent_mtp(m, ckpt.config)]
+        if missing:
+            raise DSV3Error(
+                f"{ckpt.path}: no tensor for {missing[0]} (+{len(missing) - 1} more); the checkpoint is incomplete"
+            )
+    tok = Path(path) / "tokenizer.json"
+    model.tokenizer_path = str(tok) if tok.is_file() else None
+    return model.eval()
+
+
+def _is_absent_mtp(path: str, cfg: ModelConfig) -> bool:
+    return any(path.startswith(f"model.layers.{layer}.") for layer in cfg.mtp_layers)
+
+
+def _attach_from(model: Transformer, ckpt: Checkpoint, names: list[str], device: torch.device) -> None:
+    for name in names:
+        t = ckpt.get(name)
+        attach(model, name, t if device.type == "cpu" else t.to(device))
+
+
+def init_random(model: Transformer, seed: int = 0) -> Transformer:
+    """Float trainable Parameters (``model.dtype``) drawn like ``synth.random_weight``; the router bias is
+    a float32 buffer (updated in place by bias balancing)."""
+    for w in model_weights(model.config):
+        t = _random(w, seed)
+        if w.name.endswith("e_score_correction_bias"):
+            attach(model, w.name, t.to(model.device))
+        else:
+            name = f"{w.name}.weight" if w.linear else w.name
+            attach(model, name, nn.Parameter(t.to(device=model.device, dtype=model.dtype)))
+    return model
+
+
+def _random(w: Weight, seed: int) -> torch.Tensor:
+    from dsv3tools.synth import random_weight
+
+    return random_weight(w, seed)
+
+
+def logical_tensor(model: Transformer, w: Weight) -> torch.Tensor:
+    """The float32 value of a logical weight of the model (linears dequantized)."""
+    if w.linear:
+        return dequant_weight(model.get_submodule(w.name), torch.float32).detach().cpu()
+    prefix, _, suffix = w.name.rpartition(".")
+    return getattr(model.get_submodule(prefix), suffix).detach().float().cpu()
+
+
+def save_checkpoint(
+    model: Transformer,
+    out_dir: str | Path,
+    fmt: str = "fp8",
+    tokenizer_files: dict | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+) -> dict:
+    """Write the model as an HF-format checkpoint (fp8 block-quantized or bf16) through the writer."""
+    if fmt not in ("fp8", "bf16"):
+        raise DSV3Error(f"save_checkpoint: fmt {fmt!r}; use fp8 or bf16")
+    cfg = model.config
+    weights = {w.name: w for w in model_weights(cfg)}
+    specs = [
+        OutSpec(n, dt, shape, key=w.name)
+        for w in weights.values()
+        for n, (dt, shape) in storage(w, fmt).items()
+    ]
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def produce(spec: OutSpec) -> torch.Tensor:
+        w = weights[spec.key]
+        if spec.dtype == "F8_E4M3" or spec.name.endswith("_scale_inv"):
+            if w.name not in cache:
+                cache.clear()
+                cache[w.name] = fp8_block_quant(logical_tensor(model, w), (128, 128))
+            return cache[w.name][0 if spec.dtype == "F8_E4M3" else 1]
+        return logical_tensor(model, w).to(TORCH_DTYPES[spec.dtype])
+
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(repr(float(p.detach().double().sum())).encode())
+    config = cfg.to_dict(
+        quantization_config=FP8_QUANT_CONFIG if fmt == "fp8" else None, torch_dtype="bfloat16"
+    )
+    job = WriteJob(
+        Path(out_dir),
+        plan_shards(specs, max_shard_bytes),
+        produce,
+        config,
+        "save_checkpoint",
+        {"fmt": fmt, "digest": digest.hexdigest()},
+        extra_data=dict(tokenizer_files or {}),
+    )
+    return execute(job)

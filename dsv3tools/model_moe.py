@@ -1,0 +1,110 @@
+"""Feed-forward blocks: the SwiGLU MLP, the noaux_tc group-limited gate and the MoE with its shared expert.
+
+Routed experts run grouped: token-expert pairs are sorted by expert, each active expert gathers its tokens
+with ``index_select``, runs one batched MLP and scatters the weighted result back with ``index_add``. The
+MoE holds an explicit ``{global expert id: MLP}`` table, so an expert-parallel rank can hold a subset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3tools.config import ModelConfig
+from dsv3tools.linear import Linear
+
+
+class MLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, inter: int, block: tuple[int, int]):
+        super().__init__()
+        self.gate_proj = Linear(hidden, inter, block)
+        self.up_proj = Linear(hidden, inter, block)
+        self.down_proj = Linear(inter, hidden, block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """noaux_tc router (SPEC sec. 4): sigmoid scores, bias-corrected group-limited top-k selection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.topk = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.register_buffer("weight", None)
+        self.register_buffer("e_score_correction_bias", None)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid router scores ``[N, E]`` in float32."""
+        return torch.sigmoid(F.linear(x.float(), self.weight.float()))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [N, H]`` -> (weights float32 ``[N, k]``, expert ids ``[N, k]``)."""
+        s = self.scores(x)
+        biased = s.detach() + self.e_score_correction_bias.float()
+        n = biased.shape[0]
+        if self.n_group > 1:
+            grouped = biased.view(n, self.n_group, -1)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            mask = torch.ones(n, self.n_group, dtype=torch.bool, device=x.device).scatter(1, keep, False)
+            biased = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view(n, -1)
+        idx = biased.topk(self.topk, dim=-1).indices
+        w = s.gather(1, idx)
+        if self.norm_topk:
+            w = w / w.sum(-1, keepdim=True)
+        return w * self.scaling, idx
+
+
+class MoE(nn.Module):
+    """Routed experts (grouped by expert) plus the shared expert; optional routing statistics."""
+
+    def __init__(self, cfg: ModelConfig, expert_ids: list[int] | None = None):
+        super().__init__()
+        h, blk = cfg.hidden_size, cfg.quant.block
+        self.gate = Gate(cfg)
+        ids = list(range(cfg.n_routed_experts)) if expert_ids is None else list(expert_ids)
+        self.experts = nn.ModuleDict({str(e): MLP(h, cfg.moe_intermediate_size, blk) for e in ids})
+        self.shared_experts = (
+            MLP(h, cfg.moe_intermediate_size * cfg.n_shared_experts, blk) if cfg.n_shared_experts else None
+        )
+        self.record = False
+        self.counts = torch.zeros(cfg.n_routed_experts, dtype=torch.int64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(x)
+        if self.record:
+            self.counts += torch.bincount(idx.flatten().cpu(), minlength=self.counts.numel())
+        out = self._routed(x, weights, idx)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        k = idx.shape[1]
+        flat = idx.flatten()
+        order = torch.argsort(flat, stable=True)
+        token = order // k
+        w_sorted = weights.flatten().index_select(0, order)
+        counts = torch.bincount(flat, minlength=self.gate.n_experts).tolist()
+        out = torch.zeros_like(x)
+        local = dict(self.experts.items())  # a rank may hold a subset of the experts
+        start = 0
+        for e, cnt in enumerate(counts):
+            if cnt == 0:
+                continue
+            stop = start + cnt
+            expert = local.get(str(e))
+            if expert is not None:
+                rows = token[start:stop]
+                y = expert(x.index_select(0, rows)) * w_sorted[start:stop, None].to(x.dtype)
+                out.index_add_(0, rows, y)
+            start = stop
+        return out
