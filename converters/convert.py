@@ -1,0 +1,396 @@
+"""``convert``: any of fp8 blocks / bf16 / int4 (compressed-tensors pack-quantized W4A16) to any other,
+streaming tensor by tensor from mmap into output shards that follow the input shard boundaries (output
+shard i holds the weights whose main tensor sits in input shard i), so ``--part K/N`` splits the work by
+shard, a re-run resumes shard by shard (``dsv3tools.writer``), and peak memory is about one tensor.
+
+Per logical weight: non-linear tensors and unquantizable linears (eh_proj) are byte copies; a
+quantizable linear whose source format and options equal the target is a byte copy too; otherwise its
+float32 source (fp8 dequantized in float32, never via bf16) is re-encoded. The int4 ``experts`` scope
+quantizes routed experts only and stores the other linears as bf16 (listed in the ``ignore`` regexes so
+vLLM's compressed-tensors matching leaves exactly those modules unquantized). ``mse`` int4 is recorded
+as ``observer: "mse"`` in the config group (``rtn`` keeps ``minmax``). ``conversion_report`` reads the
+written output back and gives ``||w' - w|| / ||w||`` of every re-encoded weight.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.converters.convert_math import BAND_ELEMENTS, SourceWeight, encode_fp8, encode_int4, rel_error
+from dsv3tools.converters.tensor_io import ShardReader
+from dsv3tools.errors import DSV3Error
+from dsv3tools.layout import Weight, storage
+from dsv3tools.writer import (
+    OutSpec,
+    ShardPlan,
+    WriteJob,
+    execute,
+    non_weight_files,
+    plan_fingerprint,
+    shard_name,
+)
+
+FORMATS = ("bf16", "fp8", "int4")
+BLOCK = (128, 128)
+FP8_QCONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Target format and its options (only the ones of the target format matter)."""
+
+    to: str
+    group_size: int = 128
+    int4_scope: str = "experts"
+    int4_method: str = "rtn"
+    scale_fmt: str = "float"
+
+    def check(self) -> None:
+        if self.to not in FORMATS:
+            raise DSV3Error(f"--to {self.to!r}: use bf16, fp8 or int4")
+        if self.int4_scope not in ("experts", "all"):
+            raise DSV3Error(f"--int4-scope {self.int4_scope!r}: use experts or all")
+        if self.int4_method not in ("rtn", "mse"):
+            raise DSV3Error(f"--int4-method {self.int4_method!r}: use rtn or mse")
+        if self.scale_fmt not in ("float", "ue8m0"):
+            raise DSV3Error(f"--scale-fmt {self.scale_fmt!r}: use float or ue8m0")
+        if self.group_size < 8 or self.group_size % 8:
+            raise DSV3Error(f"--group-size {self.group_size}: must be a positive multiple of 8")
+
+    def relevant(self) -> dict:
+        """The options that define the output (for the resume fingerprint and the report)."""
+        if self.to == "fp8":
+            return {"to": "fp8", "scale_fmt": self.scale_fmt}
+        if self.to == "int4":
+            return {
+                "to": "int4",
+                "group_size": self.group_size,
+                "int4_scope": self.int4_scope,
+                "int4_method": self.int4_method,
+            }
+        return {"to": "bf16"}
+
+
+def is_routed_expert(w: Weight) -> bool:
+    return ".mlp.experts." in w.name
+
+
+def target_format(w: Weight, opts: ConvertOptions) -> str:
+    """Storage format of one quantizable linear in the output."""
+    if opts.to == "int4" and opts.int4_scope == "experts" and not is_routed_expert(w):
+        return "bf16"
+    return opts.to
+
+
+def source_options(ck: Checkpoint) -> dict:
+    """What the source's quantized linears were written with (scale format, int4 group and method)."""
+    qc = ck.config.raw.get("quantization_config") or {}
+    groups = list((qc.get("config_groups") or {}).values()) if isinstance(qc, dict) else []
+    observer = ((groups[0].get("weights") or {}).get("observer") if groups else None) or "minmax"
+    return {
+        "scale_fmt": ck.config.quant.scale_fmt,
+        "block": ck.config.quant.block,
+        "group_size": ck.config.quant.group_size,
+        "int4_method": "mse" if observer == "mse" else "rtn",
+    }
+
+
+def is_copy(src_fmt: str, dst_fmt: str, src: dict, opts: ConvertOptions) -> bool:
+    """Same format with the same options: the stored tensors are copied byte for byte."""
+    if src_fmt != dst_fmt:
+        return False
+    if dst_fmt == "fp8":
+        return src["scale_fmt"] == opts.scale_fmt and tuple(src["block"]) == BLOCK
+    if dst_fmt == "int4":
+        return src["group_size"] == opts.group_size and src["int4_method"] == opts.int4_method
+    return True
+
+
+def int4_ignore(ck: Checkpoint, scope: str) -> list[str]:
+    """compressed-tensors ``ignore`` entries: every Linear module left unquantized, matched the way vLLM
+    matches them (``re:`` entries with ``re.match`` on the module name, fused modules by their parts)."""
+    ignore = ["lm_head", r"re:.*mlp\.gate$", r"re:.*eh_proj$", r"re:.*shared_head\.head$"]
+    if scope == "experts":
+        ignore += [r"re:.*self_attn.*", r"re:.*mlp\.shared_experts.*"]
+        dense = [str(i) for i in range(ck.config.num_hidden_layers) if not ck.config.is_moe(i)]
+        if dense:
+            ignore.append(rf"re:model\.layers\.({'|'.join(dense)})\.mlp\..*")
+    return ignore
+
+
+def quantization_config(ck: Checkpoint, opts: ConvertOptions) -> dict | None:
+    """The output's ``quantization_config`` (None: the key is removed, as for bf16)."""
+    if opts.to == "bf16":
+        return None
+    if opts.to == "fp8":
+        return dict(FP8_QCONFIG, scale_fmt="ue8m0") if opts.scale_fmt == "ue8m0" else dict(FP8_QCONFIG)
+    weights = {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": opts.group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "mse" if opts.int4_method == "mse" else "minmax",
+        "observer_kwargs": {},
+        "block_structure": None,
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+            }
+        },
+        "ignore": int4_ignore(ck, opts.int4_scope),
+        "kv_cache_scheme": None,
+    }
+
+
+# ---- planning --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Conversion:
+    """How one re-encoded linear is made (the key of its output tensors)."""
+
+    prefix: str
+    shape: tuple[int, int]
+    src_fmt: str
+    dst_fmt: str
+
+
+def _weight_specs(ck: Checkpoint, w: Weight, src: dict, opts: ConvertOptions, infos: dict) -> list[OutSpec]:
+    """Output tensors of one logical weight: copies keep the stored tensors, conversions re-encode."""
+    stored = ck.storage_of(w)
+    if w.linear and w.quantizable:
+        src_fmt = ck.linear_format(w.name)
+        dst_fmt = target_format(w, opts)
+        if not is_copy(src_fmt, dst_fmt, src, opts):
+            if dst_fmt == "int4" and w.shape[1] % opts.group_size:
+                raise DSV3Error(
+                    f"{w.name}: input dimension {w.shape[1]} is not a multiple of --group-size {opts.group_size}"
+                )
+            conv = Conversion(w.name, (w.shape[0], w.shape[1]), src_fmt, dst_fmt)
+            return [
+                OutSpec(n, dt, sh, key=conv)
+                for n, (dt, sh) in storage(w, dst_fmt, BLOCK, opts.group_size).items()
+            ]
+    return [OutSpec(n, infos[n].dtype, infos[n].shape, key=None) for n in stored]
+
+
+def plan_convert(ck: Checkpoint, opts: ConvertOptions) -> list[ShardPlan]:
+    """One output shard per input shard holding the weights whose first stored tensor is there."""
+    opts.check()
+    ck.validate()
+    infos = ck.infos()
+    src = source_options(ck)
+    anchors: dict[str, Weight] = {}
+    for w in ck.expected():
+        anchors[next(iter(ck.storage_of(w)))] = w
+    groups: list[list[OutSpec]] = []
+    for shard in ck.shards:
+        specs: list[OutSpec] = []
+        for name in ck.names_in(shard):
+            w = anchors.get(name)
+            if w is not None:
+                specs += _weight_specs(ck, w, src, opts, infos)
+        if specs:
+            groups.append(specs)
+    return [ShardPlan(shard_name(i, len(groups)), g) for i, g in enumerate(groups)]
+
+
+def source_fingerprint(ck: Checkpoint) -> str:
+    """Identity of the source from its config and headers (not its path: --part may run on other hosts)."""
+    infos = ck.infos()
+    return plan_fingerprint(
+        [
+            ck.config.raw,
+            sorted((n, i.shard, i.dtype, list(i.shape), list(i.offsets)) for n, i in infos.items()),
+        ]
+    )
+
+
+# ---- producing -------------------------------------------------------------------------------------
+class ConvertProducer:
+    """Produces each planned output tensor on demand; a linear is encoded once for its 2-3 tensors."""
+
+    def __init__(self, ck: Checkpoint, opts: ConvertOptions):
+        self.block = tuple(ck.config.quant.block) if ck.config.quant.method == "fp8" else BLOCK
+        self.opts = opts
+        self.reader = ShardReader(ck.path, ck.infos())
+        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._scratch = torch.empty(0, dtype=torch.float32)
+
+    def scratch(self, cols: int) -> torch.Tensor:
+        """A reused float32 band buffer (no page faults per tensor)."""
+        need = max(BAND_ELEMENTS, 128 * cols)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.float32)
+        return self._scratch
+
+    def __call__(self, spec: OutSpec) -> torch.Tensor:
+        conv = spec.key
+        if conv is None:
+            return self.reader.get(spec.name)
+        if self._cache is None or self._cache[0] != conv.prefix:
+            self._cache = None
+            self._cache = (conv.prefix, self.encode(conv))
+        return self._cache[1][spec.name]
+
+    def encode(self, conv: Conversion) -> dict[str, torch.Tensor]:
+        src = SourceWeight(self.reader.get, conv.prefix, conv.src_fmt, conv.shape, self.block)
+        p = conv.prefix
+        if conv.dst_fmt == "bf16":
+            return {f"{p}.weight": src.to_bf16(scratch=self.scratch(conv.shape[1]))}
+        if conv.dst_fmt == "fp8":
+            q, s = encode_fp8(src, self.opts.scale_fmt, BLOCK)
+            return {f"{p}.weight": q, f"{p}.weight_scale_inv": s}
+        packed, scale = encode_int4(
+            src, self.opts.group_size, self.opts.int4_method, self.scratch(conv.shape[1])
+        )
+        return {
+            f"{p}.weight_packed": packed,
+            f"{p}.weight_scale": scale,
+            f"{p}.weight_shape": torch.tensor(conv.shape, dtype=torch.int64),
+        }
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def convert_job(model: str | Path, out: str | Path, opts: ConvertOptions) -> tuple[Checkpoint, WriteJob]:
+    """Plan a conversion (validates the source; writes nothing)."""
+    ck = Checkpoint(model)
+    out = Path(out)
+    if out.resolve() == ck.path.resolve():
+        raise DSV3Error(f"--out {out} is the input folder; choose another --out")
+    shards = plan_convert(ck, opts)
+    qc = quantization_config(ck, opts)
+    config = ck.config.to_dict(quantization_config=qc) if qc else ck.config.to_dict(quantization_config=None)
+    options = dict(opts.relevant(), source=source_fingerprint(ck))
+    job = WriteJob(
+        out,
+        shards,
+        ConvertProducer(ck, opts),
+        config,
+        "convert",
+        options,
+        extra_files=non_weight_files(ck.path),
+    )
+    return ck, job
+
+
+def plan_summary(ck: Checkpoint, job: WriteJob, opts: ConvertOptions) -> dict:
+    """What a conversion would write: per output shard tensors and bytes, and the totals."""
+    converted = {t.key.prefix for s in job.shards for t in s.tensors if t.key is not None}
+    return {
+        "model": str(ck.path),
+        "out": str(job.out_dir),
+        "options": opts.relevant(),
+        "source_format": _source_format(ck),
+        "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in job.shards],
+        "num_shards": len(job.shards),
+        "tensors": sum(len(s.tensors) for s in job.shards),
+        "converted_linears": len(converted),
+        "bytes_in": sum(i.nbytes for i in ck.infos().values()),
+        "bytes_out": job.total_bytes,
+        "quantization_config": quantization_config(ck, opts),
+    }
+
+
+def _source_format(ck: Checkpoint) -> str:
+    fmts = {ck.linear_format(w.name) for w in ck.expected() if w.linear and w.quantizable}
+    return fmts.pop() if len(fmts) == 1 else "mixed"
+
+
+def convert(
+    model: str | Path,
+    out: str | Path,
+    opts: ConvertOptions,
+    workers: int = 1,
+    part: tuple[int, int] | None = None,
+    report: str | Path | None = None,
+    dry_run: bool = False,
+    on_shard: Callable[[ShardPlan, int], None] | None = None,
+) -> dict:
+    """Convert ``model`` into ``out``; returns the plan summary plus what was written (and the report)."""
+    ck, job = convert_job(model, out, opts)
+    if dry_run:
+        return dict(plan_summary(ck, job, opts), dry_run=True)
+    return run_job(ck, job, opts, workers, part, report, on_shard)
+
+
+def run_job(
+    ck: Checkpoint,
+    job: WriteJob,
+    opts: ConvertOptions,
+    workers: int = 1,
+    part: tuple[int, int] | None = None,
+    report: str | Path | None = None,
+    on_shard: Callable[[ShardPlan, int], None] | None = None,
+) -> dict:
+    """Write a planned conversion (resuming), then the report if asked and the folder is complete."""
+    if workers < 1:
+        raise DSV3Error(f"--workers {workers}: must be >= 1")
+    result = plan_summary(ck, job, opts)
+    res = execute(job, workers=workers, part=part, on_shard=on_shard)
+    result.update(dry_run=False, written=res["written"], skipped=res["skipped"], complete=res["complete"])
+    if report is not None and res["complete"]:
+        rep = conversion_report(ck.path, job.out_dir, opts)
+        Path(report).write_text(json.dumps(rep, indent=2) + "\n")
+        result["report"] = {
+            "file": str(report),
+            "mean_rel_error": rep["mean_rel_error"],
+            "mean_rel_error_by_format": rep["mean_rel_error_by_format"],
+            "tensors": len(rep["tensors"]),
+        }
+    return result
+
+
+def conversion_report(model: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
+    """Relative error ``||w' - w|| / ||w||`` (float64; ``w`` the float32 source) of every re-encoded linear,
+    read back from the written output, plus the mean (overall and per output format)."""
+    src_ck, out_ck = Checkpoint(model), Checkpoint(out)
+    src_io, out_io = ShardReader(src_ck.path, src_ck.infos()), ShardReader(out_ck.path, out_ck.infos())
+    sopts = source_options(src_ck)
+    src_block = tuple(src_ck.config.quant.block) if src_ck.config.quant.method == "fp8" else BLOCK
+    entries = []
+    for w in src_ck.expected():
+        if not (w.linear and w.quantizable):
+            continue
+        sf, of = src_ck.linear_format(w.name), out_ck.linear_format(w.name)
+        if is_copy(sf, of, sopts, opts):
+            continue
+        shape = (w.shape[0], w.shape[1])
+        err = rel_error(
+            SourceWeight(src_io.get, w.name, sf, shape, src_block),
+            SourceWeight(out_io.get, w.name, of, shape, BLOCK),
+        )
+        entries.append({"name": w.name, "from": sf, "to": of, "rel_error": err})
+    by_fmt: dict[str, list[float]] = {}
+    for e in entries:
+        by_fmt.setdefault(e["to"], []).append(e["rel_error"])
+    mean = sum(e["rel_error"] for e in entries) / len(entries) if entries else 0.0
+    return {
+        "model": str(src_ck.path),
+        "out": str(out_ck.path),
+        "options": opts.relevant(),
+        "source": sopts | {"block": list(src_block)},
+        "mean_rel_error": mean,
+        "mean_rel_error_by_format": {k: sum(v) / len(v) for k, v in by_fmt.items()},
+        "tensors": entries,
+    }
