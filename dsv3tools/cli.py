@@ -20,6 +20,12 @@ COMMAND_MODULES = [
     "convert",
     "split",
     "reshard",
+    "expert_load",
+    "generate",
+    "compare",
+    "eval",
+    "mtp_bench",
+    "demo",
 ]
 
 app = typer.Typer(
