@@ -75,7 +75,7 @@ def generate(
     b, t = ids.shape
     cache = model.new_cache(b, t + max_new_tokens)
     gen = torch.Generator().manual_seed(seed)
-    logits = model(ids, cache=cache, attention_mask=mask)[:, -1]
+    logits = model(ids, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     pos = t

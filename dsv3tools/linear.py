@@ -10,9 +10,15 @@ converter's ``bf16(float32(q) * s)``, so an FP8 checkpoint and its bf16 conversi
 ``torch`` / ``triton`` run the kernels' schemes (FP8 activation quantization + block-scaled GEMM, int4
 W4A16) through :mod:`dsv3tools.kernels.dispatch`; ``auto`` is ``triton`` on CUDA where the kernels run and
 ``dequant`` everywhere else.
+
+Two opt-in modes: :meth:`Linear.materialize` converts the weight once into the compute dtype (the values
+``dequant`` would produce per use, held resident); ``Linear.chunk_elems`` (set for layer streaming)
+dequantizes a large weight in row blocks so the float temporaries stay bounded.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +51,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
         self.backend = "dequant"
+        self.chunk_elems: int | None = None  # dequantize in row blocks of at most this many elements
         for name in TENSOR_SUFFIXES:
             self.register_buffer(name, None)
 
@@ -66,6 +73,23 @@ class Linear(nn.Module):
             else:
                 setattr(self, name, None)
 
+    def materialize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> None:
+        """Hold the weight dequantized in ``dtype`` (the values the ``dequant`` backend computes per use),
+        written into ``out`` (e.g. a slice of a stacked expert tensor) when given."""
+        if out is None and self.fmt == "float" and self.weight.dtype == dtype:
+            return  # already in the compute dtype: nothing to convert per use
+        w = dequant_weight(self, dtype)
+        if out is not None:
+            w = out.copy_(w)
+        self.clear()
+        self.weight = w
+
+    def weight_shape_2d(self) -> tuple[int, int]:
+        """``(out, in)`` of the stored weight (a tensor-parallel slice may differ from the declared sizes)."""
+        if self.weight_packed is not None:
+            return self.weight_packed.shape[0], self.weight_packed.shape[1] * 8
+        return tuple(self.weight.shape)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}"
 
@@ -85,14 +109,25 @@ def fp8_dequant_bf16(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -
 
 def dequant_weight(layer: Linear, dtype: torch.dtype) -> torch.Tensor:
     """The layer's weight ``[out, in]`` in ``dtype`` (FP8 through bf16, as the converter writes it)."""
+    return dequant_rows(layer, dtype, 0, None)
+
+
+def dequant_rows(layer: Linear, dtype: torch.dtype, start: int, stop: int | None) -> torch.Tensor:
+    """Rows ``start:stop`` of the layer's weight in ``dtype``; ``start`` must be a multiple of the FP8
+    block height (the values are exactly those of :func:`dequant_weight`)."""
     fmt = layer.fmt
     if fmt == "float":
-        return layer.weight if layer.weight.dtype == dtype else layer.weight.to(dtype)
+        w = layer.weight[start:stop] if start or stop is not None else layer.weight
+        return w if w.dtype == dtype else w.to(dtype)
     if fmt == "fp8":
-        w = fp8_dequant_bf16(layer.weight, layer.weight_scale_inv, layer.block)
+        q, s, b0 = layer.weight, layer.weight_scale_inv, layer.block[0]
+        if start or stop is not None:
+            stop = q.shape[0] if stop is None else stop
+            q, s = q[start:stop], s[start // b0 : -(-stop // b0)]
+        w = fp8_dequant_bf16(q, s, layer.block)
         return w if dtype == torch.bfloat16 else w.to(dtype)
     if fmt == "int4":
-        packed, scale = layer.weight_packed, layer.weight_scale
+        packed, scale = layer.weight_packed[start:stop], layer.weight_scale[start:stop]
         shape = (packed.shape[0], packed.shape[1] * 8)
         if packed.device.type != "cpu":
             from dsv3tools.kernels.reference import int4_weight_dequant
@@ -100,6 +135,17 @@ def dequant_weight(layer: Linear, dtype: torch.dtype) -> torch.Tensor:
             return int4_weight_dequant(packed, scale, shape, dtype)
         return int4_dequant(packed, scale, shape, dtype)
     raise DSV3Error("a linear layer has no weights attached; load the model with dsv3tools.load_model")
+
+
+def _chunked_linear(x: torch.Tensor, layer: Linear, chunk_elems: int) -> torch.Tensor:
+    """``x @ W.T`` dequantizing ``W`` in row blocks (bounded temporaries for large streamed weights)."""
+    b0, (n_out, n_in) = layer.block[0], layer.weight_shape_2d()
+    rows = max(b0, chunk_elems // n_in // b0 * b0)
+    out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+    for start in range(0, n_out, rows):
+        stop = min(start + rows, n_out)
+        out[..., start:stop] = F.linear(x, dequant_rows(layer, x.dtype, start, stop))
+    return out
 
 
 def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
@@ -115,4 +161,9 @@ def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
         packed, scale = layer.weight_packed, layer.weight_scale
         shape = (packed.shape[0], packed.shape[1] * 8)
         return int4_linear(x, packed, scale, shape, shape[1] // scale.shape[1], backend)
+    if fmt == "float" and layer.weight.dtype == x.dtype:
+        return F.linear(x, layer.weight)
+    chunk = layer.chunk_elems
+    if chunk is not None and fmt != "empty" and math.prod(layer.weight_shape_2d()) > chunk:
+        return _chunked_linear(x, layer, chunk)
     return F.linear(x, dequant_weight(layer, x.dtype))

@@ -19,8 +19,10 @@ from torch import nn
 from dsv3tools.config import ModelConfig
 from dsv3tools.linear import Linear, resolve_model_backend
 from dsv3tools.model_attention import MLA, LayerCache, RMSNorm
-from dsv3tools.model_moe import MLP, MoE
+from dsv3tools.model_moe import MLP, Gate, MoE
 from dsv3tools.rope import cos_sin, inv_freq
+
+ROPE_TABLE_MIN = 256  # positions in the first cos/sin table (grown by doubling)
 
 
 class Embedding(nn.Module):
@@ -83,6 +85,7 @@ class ModelCache:
 
     layers: dict[int, LayerCache]
     mask: torch.Tensor  # bool [B, max_len]; False = padding
+    padded: bool = False  # whether any False was written to ``mask`` (else positions are plain offsets)
 
     @property
     def max_len(self) -> int:
@@ -109,6 +112,7 @@ class Transformer(nn.Module):
         self.model = Decoder(cfg, attn_impl, expert_ids)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.quant.block)
         self.register_buffer("freqs", inv_freq(cfg).to(self.device), persistent=False)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.set_backend(backend)
 
     # ---- configuration -----------------------------------------------------------------------------
@@ -119,6 +123,24 @@ class Transformer(nn.Module):
             if isinstance(m, Linear):
                 m.backend = resolved
         self.backend = resolved
+
+    @torch.no_grad()
+    def materialize(self) -> None:
+        """Convert every weight once into the compute dtype (what the ``dequant`` backend computes per use,
+        so the logits are unchanged): linears dequantized, routed experts stacked (see :class:`MoE`), norms
+        and router in their compute dtypes. Trades memory (the compute dtype's bytes per parameter) for
+        speed; the embedding table stays as stored (only looked-up rows are converted)."""
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.stack_experts(self.dtype)
+        for m in self.modules():
+            if isinstance(m, Linear) and m.fmt != "empty":
+                m.materialize(self.dtype)
+            elif isinstance(m, RMSNorm) and m.weight is not None:
+                m.weight = m.weight.to(self.dtype)
+            elif isinstance(m, Gate) and m.weight is not None:
+                m.weight = m.weight.float()
+                m.e_score_correction_bias = m.e_score_correction_bias.float()
 
     def set_attn_impl(self, attn_impl: str) -> None:
         for m in self.modules():
@@ -167,17 +189,19 @@ class Transformer(nn.Module):
                 cache.mask[:b, start_pos:end] = m
             else:
                 raise ValueError(f"attention_mask must be [B, {end}] or [B, {t}], got {list(m.shape)}")
-        return cache.mask[:b, :end]
+            cache.padded = cache.padded or not bool(m.all())
+        return cache.mask[:b, :end] if cache.padded else None
 
     def _rope_and_mask(self, key_mask, cache, start_pos: int, b: int, t: int):
         """Per-token cos/sin (positions count only non-padding tokens) and the bool attention mask."""
         q_off = start_pos if cache is not None else 0
         n_keys = start_pos + t if cache is not None else t
         if key_mask is None:
-            pos = torch.arange(start_pos, start_pos + t, device=self.device).expand(b, t)
+            rope = self._rope_table(start_pos + t)
+            rope = tuple(r[start_pos : start_pos + t].expand(b, t, -1) for r in rope)
         else:
             pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, -t:] + (start_pos - q_off)
-        rope = cos_sin(self.freqs, pos)
+            rope = cos_sin(self.freqs, pos)
         if key_mask is None and t == 1:
             return rope, None
         q_idx = torch.arange(q_off, q_off + t, device=self.device)[:, None]
@@ -186,6 +210,15 @@ class Transformer(nn.Module):
         if key_mask is not None:
             allowed = allowed & (key_mask[:, None, :] | (k_idx == q_idx))
         return rope, allowed.unsqueeze(1)
+
+    def _rope_table(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[n', dim/2]`` for positions ``0..n'-1`` (``n' >= n``), computed once and grown by doubling;
+        the same values :func:`cos_sin` gives for those positions."""
+        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != self.freqs.device:
+            size = max(n, 2 * (0 if self._rope is None else self._rope[0].shape[0]), ROPE_TABLE_MIN)
+            self._rope = cos_sin(self.freqs, torch.arange(size, device=self.device)[None])
+            self._rope = (self._rope[0][0], self._rope[1][0])
+        return self._rope
 
     # ---- forward ----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -205,8 +238,11 @@ class Transformer(nn.Module):
         cache: ModelCache | None = None,
         attention_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
+        logits_to_keep: int = 0,
     ):
-        """Logits float32 ``[B, T, vocab]`` (and post-norm hidden ``[B, T, H]`` with ``return_hidden``)."""
+        """Logits float32 ``[B, T, vocab]`` (and post-norm hidden ``[B, T, H]`` with ``return_hidden``);
+        ``logits_to_keep > 0`` computes the head for the last that many positions only (a prefill that
+        only needs the next token)."""
         b, t = input_ids.shape
         key_mask = self._key_mask(attention_mask, cache, start_pos, b, t)
         rope, allowed = self._rope_and_mask(key_mask, cache, start_pos, b, t)
@@ -217,7 +253,7 @@ class Transformer(nn.Module):
                 h = self.model.layers[str(i)](h, rope, allowed, start_pos, cache.layers[i] if cache else None)
         with self._stream("head"):
             h = self.model.norm(h)
-            logits = self.lm_head(h).float()
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
         return (logits, h) if return_hidden else logits
 
     def mtp_forward(

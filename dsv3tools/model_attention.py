@@ -6,6 +6,8 @@ Both paths share one cache: per token the normed latent ``c_kv`` (kv_lora_rank v
 - ``naive``: expands ``kv_b(c_kv)`` into per-head ``k_nope | v`` over all cached positions.
 - ``absorb``: folds W_UK into the query and W_UV after attention, attending over the latent directly
   (one shared 576-dim key and 512-dim value, like multi-query attention).
+- ``auto``: per call, whichever of the two needs fewer multiply-adds: ``naive`` for a prefill (T close to
+  S), ``absorb`` for decoding (T much smaller than S) -- what serving engines do.
 
 The local head count comes from the weights (``q_b_proj`` rows / qk_head_dim), so a tensor-parallel rank
 holding a slice of the heads runs the same code.
@@ -23,7 +25,7 @@ from dsv3tools.config import ModelConfig
 from dsv3tools.linear import Linear, dequant_weight
 from dsv3tools.rope import apply_rope
 
-ATTN_IMPLS = ("naive", "absorb")
+ATTN_IMPLS = ("naive", "absorb", "auto")
 
 
 class RMSNorm(nn.Module):
@@ -36,34 +38,42 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight.to(x.dtype)
 
 
 @dataclass
 class LayerCache:
-    """Compressed KV cache of one layer: ``kv [B, max_len, kv_lora_rank]``, ``pe [B, max_len, rope_dim]``."""
+    """Compressed KV cache of one layer: ``kvpe [B, max_len, kv_lora_rank + rope_dim]`` with the views
+    ``kv`` (normed latent) and ``pe`` (rotated shared key), so attention reads one tensor without a copy."""
 
-    kv: torch.Tensor
-    pe: torch.Tensor
+    kvpe: torch.Tensor
+    rank: int
+
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.kvpe[..., : self.rank]
+
+    @property
+    def pe(self) -> torch.Tensor:
+        return self.kvpe[..., self.rank :]
 
     @classmethod
     def empty(
         cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
     ) -> LayerCache:
-        kv = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        pe = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        return cls(kv, pe)
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        return cls(torch.zeros(batch, max_len, width, dtype=dtype, device=device), cfg.kv_lora_rank)
 
-    def update(self, kv: torch.Tensor, pe: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write positions ``start..start+T`` and return everything up to there."""
+    def update(self, kv: torch.Tensor, pe: torch.Tensor, start: int) -> torch.Tensor:
+        """Write positions ``start..start+T`` and return ``kvpe`` for everything up to there."""
         end = start + kv.shape[1]
-        if end > self.kv.shape[1]:
-            raise ValueError(f"KV cache holds {self.kv.shape[1]} positions; asked to write up to {end}")
+        if end > self.kvpe.shape[1]:
+            raise ValueError(f"KV cache holds {self.kvpe.shape[1]} positions; asked to write up to {end}")
         b = kv.shape[0]
-        self.kv[:b, start:end] = kv.to(self.kv.dtype)
-        self.pe[:b, start:end] = pe.to(self.pe.dtype)
-        return self.kv[:b, :end], self.pe[:b, :end]
+        self.kvpe[:b, start:end, : self.rank] = kv
+        self.kvpe[:b, start:end, self.rank :] = pe
+        return self.kvpe[:b, :end]
 
 
 class MLA(nn.Module):
@@ -102,15 +112,26 @@ class MLA(nn.Module):
         kv = self.kv_a_layernorm(kv)
         k_pe = apply_rope(k_pe, *rope)
         if cache is not None:
-            kv, k_pe = cache.update(kv, k_pe, start_pos)
-        if self.attn_impl == "naive":
-            out = self._naive(q_nope, q_pe, kv, k_pe, allowed)
+            kvpe = cache.update(kv, k_pe, start_pos)
         else:
-            out = self._absorb(q_nope, q_pe, kv, k_pe, allowed)
+            kvpe = torch.cat([kv, k_pe], dim=-1)
+        if self._use_naive(t, kvpe.shape[1]):
+            out = self._naive(q_nope, q_pe, kvpe, allowed)
+        else:
+            out = self._absorb(q_nope, q_pe, kvpe, allowed)
         return self.o_proj(out.reshape(b, t, -1))
 
-    def _naive(self, q_nope, q_pe, kv, k_pe, allowed) -> torch.Tensor:
-        b, s, _ = kv.shape
+    def _use_naive(self, t: int, s: int) -> bool:
+        """``naive`` or ``absorb`` for T queries over S keys (``auto``: fewer multiply-adds per head)."""
+        if self.attn_impl != "auto":
+            return self.attn_impl == "naive"
+        naive = s * self.rank * (self.nope + self.vdim) + t * s * (self.nope + self.rope + self.vdim)
+        absorb = t * self.rank * (self.nope + self.vdim) + t * s * (2 * self.rank + self.rope)
+        return naive < absorb
+
+    def _naive(self, q_nope, q_pe, kvpe, allowed) -> torch.Tensor:
+        b, s, _ = kvpe.shape
+        kv, k_pe = kvpe.split([self.rank, self.rope], dim=-1)
         kvb = self.kv_b_proj(kv).view(b, s, -1, self.nope + self.vdim)
         k_nope, v = kvb.split([self.nope, self.vdim], dim=-1)
         nh = k_nope.shape[2]
@@ -121,15 +142,15 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)  # [B, T, nh, v]
 
-    def _absorb(self, q_nope, q_pe, kv, k_pe, allowed) -> torch.Tensor:
+    def _absorb(self, q_nope, q_pe, kvpe, allowed) -> torch.Tensor:
         w = dequant_weight(self.kv_b_proj, q_nope.dtype).view(-1, self.nope + self.vdim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
         q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)  # [B, nh, T, rank + rope]
-        k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1)  # [B, 1, S, rank + rope]
+        k = kvpe.unsqueeze(1)  # [B, 1, S, rank + rope]
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = scores.softmax(dim=-1).to(kv.dtype)
-        o_lat = torch.matmul(probs, kv.unsqueeze(1))  # [B, nh, T, rank]
+        probs = scores.softmax(dim=-1).to(kvpe.dtype)
+        o_lat = torch.matmul(probs, k[..., : self.rank])  # [B, nh, T, rank]
         return torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)

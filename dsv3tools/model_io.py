@@ -38,6 +38,11 @@ FP8_QUANT_CONFIG = {
 }
 HEAD_NAMES = ("model.norm.weight", "lm_head.weight")
 EMBED_NAME = "model.embed_tokens.weight"
+# Vocab-sized tables stay memory-mapped under offload (the MTP layers' copies of the embedding and head too):
+# only the looked-up rows / the pages being multiplied are touched, and they are file-backed, not copied.
+MAPPED_SUFFIXES = ("embed_tokens.weight", "shared_head.head.weight", "lm_head.weight")
+# Under offload a linear larger than this many elements is dequantized in row blocks (64 MB in float32).
+OFFLOAD_CHUNK_ELEMS = 1 << 24
 
 
 def attach(model: nn.Module, name: str, tensor: torch.Tensor | None) -> bool:
@@ -71,15 +76,19 @@ def missing_weights(model: Transformer) -> list[str]:
 
 
 class LayerStreamer:
-    """Reads one unit's tensors (a layer, or the final norm + head) into fresh memory when it runs and
-    drops them afterwards, so peak memory stays at about one layer plus activations and caches."""
+    """Reads one layer's tensors into fresh memory when the layer runs and drops them afterwards, so peak
+    anonymous memory stays at about one layer plus activations, caches and bounded dequant temporaries.
+    The vocab-sized tables and the final norm (``resident``) are attached memory-mapped once instead."""
 
     def __init__(self, ckpt: Checkpoint, device: torch.device):
         self.ckpt, self.device = ckpt, device
-        self.units: dict[int | str, list[str]] = {"head": [n for n in HEAD_NAMES if n in ckpt.weight_map]}
+        self.units: dict[int | str, list[str]] = {}
+        self.resident: list[str] = []
         for name in ckpt.weight_map:
             layer = layer_of(name)
-            if layer is not None:
+            if layer is None or name.endswith(MAPPED_SUFFIXES):
+                self.resident.append(name)
+            else:
                 self.units.setdefault(layer, []).append(name)
         self._data_start: dict[str, int] = {}
 
@@ -123,12 +132,19 @@ def load_model(
     backend: str = "auto",
     offload: bool = False,
     attn_impl: str = "absorb",
+    materialize: bool = False,
 ) -> Transformer:
     """A :class:`Transformer` over the checkpoint at ``path`` (fp8, bf16 or int4), weights attached in place.
 
     ``dtype`` is the compute dtype (default bf16); ``backend`` auto | dequant | torch | triton (auto: the
-    exact dequantizing path on CPU, the Triton kernels on CUDA); ``offload`` streams layers from disk.
+    exact dequantizing path on CPU, the Triton kernels on CUDA); ``offload`` streams layers from disk;
+    ``materialize`` converts the weights once at load into the compute dtype (faster, same logits, but
+    the memory of the compute dtype instead of the mapped file; dequant backend only).
     """
+    from dsv3tools.distributed import is_resharded, load_resharded
+
+    if is_resharded(path):  # a `reshard` output: this rank's files only, under torch.distributed
+        return load_resharded(path, device=device, dtype=dtype, backend=backend, attn_impl=attn_impl)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DSV3Error("--device cuda: no CUDA device is available; use --device cpu")
@@ -137,15 +153,11 @@ def load_model(
         ckpt.config, dtype=dtype or torch.bfloat16, attn_impl=attn_impl, backend=backend, device=device
     )
     if offload:
-        model.streamer = LayerStreamer(ckpt, device)
-        _attach_from(model, ckpt, [EMBED_NAME], device)
-        absent = [
-            u
-            for u in (*ckpt.config.all_layers[: ckpt.config.num_hidden_layers], "head")
-            if not model.streamer.units.get(u)
-        ]
-        if absent:
-            raise DSV3Error(f"{ckpt.path}: no tensors for layer {absent[0]}; the checkpoint is incomplete")
+        if materialize:
+            raise DSV3Error(
+                "offload streams the stored weights; drop materialize (it needs them all resident)"
+            )
+        _setup_offload(model, ckpt, device)
     else:
         _attach_from(model, ckpt, list(ckpt.weight_map), device)
         missing = [m for m in missing_weights(model) if not _is_absent_mtp(m, ckpt.config)]
@@ -153,9 +165,27 @@ def load_model(
             raise DSV3Error(
                 f"{ckpt.path}: no tensor for {missing[0]} (+{len(missing) - 1} more); the checkpoint is incomplete"
             )
+        if materialize:
+            model.materialize()
     tok = Path(path) / "tokenizer.json"
     model.tokenizer_path = str(tok) if tok.is_file() else None
     return model.eval()
+
+
+def _setup_offload(model: Transformer, ckpt: Checkpoint, device: torch.device) -> None:
+    """Layer streaming: map the resident tables, check every main layer has tensors, bound temporaries."""
+    model.streamer = LayerStreamer(ckpt, device)
+    _attach_from(model, ckpt, model.streamer.resident, device)
+    cfg = ckpt.config
+    absent = [
+        f"layer {u}" for u in cfg.all_layers[: cfg.num_hidden_layers] if not model.streamer.units.get(u)
+    ]
+    absent += [n for n in HEAD_NAMES if n not in ckpt.weight_map]
+    if absent:
+        raise DSV3Error(f"{ckpt.path}: no tensors for {absent[0]}; the checkpoint is incomplete")
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.chunk_elems = OFFLOAD_CHUNK_ELEMS
 
 
 def _is_absent_mtp(path: str, cfg: ModelConfig) -> bool:

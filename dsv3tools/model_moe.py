@@ -3,6 +3,11 @@
 Routed experts run grouped: token-expert pairs are sorted by expert, each active expert gathers its tokens
 with ``index_select``, runs one batched MLP and scatters the weighted result back with ``index_add``. The
 MoE holds an explicit ``{global expert id: MLP}`` table, so an expert-parallel rank can hold a subset.
+
+After :meth:`MoE.stack_experts` (``load_model(..., materialize=True)``) the experts' weights live in two
+stacked tensors, ``gate_up [E, 2 * inter, hidden]`` (gate and up fused into one matmul) and
+``down [E, hidden, inter]``, and the per-expert modules hold views of them; the routed computation then
+runs on the stacked tensors (one fused matmul per active expert, no per-token bookkeeping for one token).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from torch import nn
 
 from dsv3tools.config import ModelConfig
 from dsv3tools.linear import Linear
+
+GROUP_SCORE_TOP = 2  # noaux_tc: a group's score is the sum of its 2 best biased scores
 
 
 class MLP(nn.Module):
@@ -50,7 +57,8 @@ class Gate(nn.Module):
         n = biased.shape[0]
         if self.n_group > 1:
             grouped = biased.view(n, self.n_group, -1)
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            top = min(GROUP_SCORE_TOP, grouped.shape[-1])  # a cut-down checkpoint may have 1 expert per group
+            group_score = grouped.topk(top, dim=-1).values.sum(-1)
             keep = group_score.topk(self.topk_group, dim=-1).indices
             mask = torch.ones(n, self.n_group, dtype=torch.bool, device=x.device).scatter(1, keep, False)
             biased = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view(n, -1)
@@ -75,6 +83,28 @@ class MoE(nn.Module):
         )
         self.record = False
         self.counts = torch.zeros(cfg.n_routed_experts, dtype=torch.int64)
+        self.inter = cfg.moe_intermediate_size
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (gate_up, down) after stack_experts
+        self.slot: list[int] = []  # global expert id -> row of the stacked tensors (-1: not held)
+
+    def stack_experts(self, dtype: torch.dtype) -> None:
+        """Dequantize the held experts once into stacked ``dtype`` tensors; the expert modules keep views."""
+        if not self.experts:
+            return
+        ids = sorted(int(e) for e in self.experts)
+        inter, hidden = self.experts[str(ids[0])].gate_proj.weight_shape_2d()
+        dev = self.gate.weight.device
+        gate_up = torch.empty(len(ids), 2 * inter, hidden, dtype=dtype, device=dev)
+        down = torch.empty(len(ids), hidden, inter, dtype=dtype, device=dev)
+        for j, e in enumerate(ids):
+            mlp = self.experts[str(e)]
+            mlp.gate_proj.materialize(dtype, gate_up[j, :inter])
+            mlp.up_proj.materialize(dtype, gate_up[j, inter:])
+            mlp.down_proj.materialize(dtype, down[j])
+        self.stacked, self.inter = (gate_up, down), inter
+        self.slot = [-1] * self.gate.n_experts
+        for j, e in enumerate(ids):
+            self.slot[e] = j
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -87,7 +117,25 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         return out.view(shape)
 
+    def _stacked_expert(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert at stacked row ``j`` on ``x [N, H]``: one fused gate+up matmul, then down."""
+        gate_up, down = self.stacked
+        h = F.linear(x, gate_up[j])
+        return F.linear(F.silu(h[:, : self.inter]) * h[:, self.inter :], down[j])
+
+    def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One token (decode): its k experts in ascending id order, summed like the grouped path."""
+        out = torch.zeros_like(x)
+        pairs = sorted(zip(idx[0].tolist(), weights[0].to(x.dtype).unbind(0), strict=True))
+        for e, w in pairs:
+            j = self.slot[e]
+            if j >= 0:
+                out = out + self._stacked_expert(j, x) * w
+        return out
+
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.stacked is not None and x.shape[0] == 1:
+            return self._routed_one(x, weights, idx)
         k = idx.shape[1]
         flat = idx.flatten()
         order = torch.argsort(flat, stable=True)
@@ -95,16 +143,18 @@ class MoE(nn.Module):
         w_sorted = weights.flatten().index_select(0, order)
         counts = torch.bincount(flat, minlength=self.gate.n_experts).tolist()
         out = torch.zeros_like(x)
+        w_sorted = w_sorted.to(x.dtype).unsqueeze(1)
         local = dict(self.experts.items())  # a rank may hold a subset of the experts
         start = 0
         for e, cnt in enumerate(counts):
             if cnt == 0:
                 continue
             stop = start + cnt
-            expert = local.get(str(e))
-            if expert is not None:
-                rows = token[start:stop]
-                y = expert(x.index_select(0, rows)) * w_sorted[start:stop, None].to(x.dtype)
-                out.index_add_(0, rows, y)
+            rows = token[start:stop]
+            if self.stacked is not None and self.slot[e] >= 0:
+                y = self._stacked_expert(self.slot[e], x.index_select(0, rows))
+                out.index_add_(0, rows, y * w_sorted[start:stop])
+            elif (expert := local.get(str(e))) is not None:
+                out.index_add_(0, rows, expert(x.index_select(0, rows)) * w_sorted[start:stop])
             start = stop
         return out

@@ -2,7 +2,8 @@
 paths, full sequence and cached decoding, past the YaRN original length, group-limited routing), the FP8
 checkpoint against its bf16 conversion, int4 against a float64 forward over the dequantized weights, the
 MTP module against a float64 re-computation of SPEC sec. 4 written here with plain torch ops, padding,
-offload streaming, routing counts, training (autograd) and save/load."""
+materialized weights (stacked experts), offload streaming (with row-chunked dequantization), routing
+counts, training (autograd) and save/load."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.errors import DSV3Error
 from dsv3tools.layout import model_weights
+from dsv3tools.linear import Linear
 from dsv3tools.model import Transformer
+from dsv3tools.model_attention import MLA
 from dsv3tools.model_io import load_model, save_checkpoint
 from dsv3tools.model_moe import Gate
 from dsv3tools.quant import fp8_block_dequant, int4_dequant, int4_pack, int4_quant
@@ -178,11 +182,14 @@ def check_routing(model: Transformer, ids: torch.Tensor) -> None:
     assert seen["limited"] > 0, "no token had a better expert outside its selected groups"
 
 
-@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
-def test_parity_with_transformers(tiny_bf16: Path, parity, attn_impl: str) -> None:
+@pytest.mark.parametrize(("attn_impl", "materialize"), [("absorb", False), ("naive", False), ("auto", True)])
+def test_parity_with_transformers(tiny_bf16: Path, parity, attn_impl: str, materialize: bool) -> None:
+    """``auto`` + materialized: the prefill runs the naive path, the decode steps the absorbed one, and the
+    routed experts run on the stacked weights (grouped for the prefill, per token for batch-1 decode)."""
     ids, ref = parity
-    model = load_model(tiny_bf16, dtype=torch.float32, attn_impl=attn_impl)
-    check_routing(model, ids)
+    model = load_model(tiny_bf16, dtype=torch.float32, attn_impl=attn_impl, materialize=materialize)
+    if attn_impl == "absorb":
+        check_routing(model, ids)
     with torch.no_grad():
         full = model(ids)
         assert rel_err(full, ref) < 1e-4
@@ -190,8 +197,34 @@ def test_parity_with_transformers(tiny_bf16: Path, parity, attn_impl: str) -> No
         steps = [model(ids[:, :prefill], cache=cache)]
         for i in range(prefill, SEQ):
             steps.append(model(ids[:, i : i + 1], start_pos=i, cache=cache))
-    assert rel_err(torch.cat(steps, 1), ref) < 1e-4
+        assert rel_err(torch.cat(steps, 1), ref) < 1e-4
+        if materialize:  # batch-1 decode takes the single-token expert path
+            one = model.new_cache(1, SEQ)
+            model(ids[:1, :prefill], cache=one)
+            last = [model(ids[:1, i : i + 1], start_pos=i, cache=one) for i in range(prefill, prefill + 2)]
+            assert rel_err(torch.cat(last, 1), ref[:1, prefill : prefill + 2]) < 1e-4
     assert cache.layers[0].kv.shape[-1] + cache.layers[0].pe.shape[-1] == 128 + 32  # kv_lora_rank + rope dim
+
+
+def test_materialize_same_logits_and_stacked_views(tiny_fp8: Path) -> None:
+    """Weights converted once at load give the per-use dequant logits; experts are views of the stacks."""
+    ids = torch.randint(5, 500, (1, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = load_model(tiny_fp8, dtype=torch.float32)(ids)
+        model = load_model(tiny_fp8, dtype=torch.float32, materialize=True)
+        assert rel_err(model(ids), ref) < 1e-6
+        cache = model.new_cache(1, 24)
+        steps = [model(ids[:, :20], cache=cache)]
+        steps += [model(ids[:, i : i + 1], start_pos=i, cache=cache) for i in range(20, 24)]
+        assert rel_err(torch.cat(steps, 1), ref) < 1e-6
+    moe = model.model.layers["1"].mlp
+    gate_up, down = moe.stacked
+    assert gate_up.dtype == down.dtype == torch.float32 and gate_up.shape == (16, 2 * 128, 256)
+    up = moe.experts["3"].up_proj
+    assert up.fmt == "float" and up.weight.data_ptr() == gate_up[3, 128:].data_ptr()
+    assert model.model.layers["0"].self_attn.q_b_proj.weight.dtype == torch.float32
+    assert MLA(Checkpoint(tiny_fp8).config, "auto")._use_naive(SEQ, SEQ)  # prefill: naive is cheaper
+    assert not MLA(Checkpoint(tiny_fp8).config, "auto")._use_naive(1, SEQ)  # decode: absorbed is cheaper
 
 
 def test_left_padding_matches_unpadded(tiny_fp8: Path) -> None:
@@ -339,13 +372,20 @@ def test_offload_streams_same_logits(tiny_fp8: Path) -> None:
         ref = load_model(tiny_fp8, dtype=torch.float32)(ids)
         model = load_model(tiny_fp8, dtype=torch.float32, offload=True)
         assert model.model.layers["1"].self_attn.q_a_proj.fmt == "empty"  # nothing resident between uses
+        assert model.lm_head.fmt == "float" and model.model.layers["3"].shared_head.head.fmt == "float"
         assert torch.equal(model(ids), ref)
         hidden = model(ids, return_hidden=True)[1]
         assert model.mtp_forward(hidden[:, :-1], ids[:, 1:])[0].shape == (1, 15, 512)
+        for m in model.modules():  # row-blocked dequant (128-row blocks; kv_a_proj's last block is ragged)
+            if isinstance(m, Linear):
+                m.chunk_elems = 128 * 256
+        assert rel_err(model(ids), ref) < 1e-6
+    with pytest.raises(DSV3Error, match="materialize"):
+        load_model(tiny_fp8, offload=True, materialize=True)
 
 
 def test_routing_counts(tiny_fp8: Path) -> None:
-    model = load_model(tiny_fp8)
+    model = load_model(tiny_fp8, dtype=torch.float32)  # the counts do not depend on the compute dtype
     model.record_routing(True)
     with torch.no_grad():
         model(torch.randint(5, 500, (2, 10)))

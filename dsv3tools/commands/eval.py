@@ -58,6 +58,12 @@ def register(app: typer.Typer) -> None:
         json_mode: bool = json_option(),
     ) -> None:
         """Score a checkpoint with lm-evaluation-harness (MMLU 5-shot by default for --task mmlu)."""
+        import os
+
+        from dsv3tools.cli_util import show_progress
+
+        if not show_progress(json_mode):
+            os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars
         from dsv3tools.evals.tasks import prepare_tasks, run_eval, summarize
 
         with tempfile.TemporaryDirectory(prefix="dsv3tools-eval-") as work:
