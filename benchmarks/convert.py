@@ -2,9 +2,17 @@
 
 - fp8 -> bf16 wall time over the time of ``cp -r`` of the produced folder (target <= 1.5);
 - speed-up over a naive baseline written here (whole shard through ``safetensors.torch.load_file``,
-  eager float32 dequant with the reference formulas, ``save_file``; target >= 3x), for -> bf16 and -> int4;
+  eager float32 dequant with the reference formulas, ``save_file``, then fsync of each written file as
+  ``convert`` does; target >= 3x), for -> bf16 and -> int4;
 - peak RSS of each run (target <= 1 GiB + 2x the largest input shard, not growing with the shard count),
   for two checkpoint sizes.
+
+Every timing runs ``--repeat`` times (median reported, all values kept), each in its own subprocess, with
+a cold page cache for what it reads: the source files' pages are dropped first (fdatasync, then
+``POSIX_FADV_DONTNEED`` per file, nothing else on the machine is touched); ``cp -r`` likewise reads the
+produced folder cold and is timed until its files are fsynced (``sync FILE...``). Peak RSS: ``%M`` of
+``/usr/bin/time`` (the largest single process) and the sum over the process tree polled every 50 ms
+(what matters with ``--workers`` > 1).
 
 Usage: ``python benchmarks/convert.py --workdir /tmp/cvbench`` (synthesizes what is missing; real-shape
 checkpoints of several GB; the outputs are deleted as soon as they are measured).
@@ -13,13 +21,17 @@ checkpoints of several GB; the outputs are deleted as soon as they are measured)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,24 +64,53 @@ def naive(model: Path, out: Path, to: str) -> None:
             else:
                 dst[name] = t
         save_file(dst, out / shard, metadata={"format": "pt"})
+        with open(out / shard, "rb+") as f:  # durable like convert's output (it fsyncs every shard)
+            os.fsync(f.fileno())
         weight_map.update(dict.fromkeys(dst, shard))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB) of a child command, from ``/usr/bin/time -f %M``."""
+def drop_cache(folder: Path) -> None:
+    """Make the next read of ``folder`` cold: write back and drop the page cache of its files only."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def timed(cmd: list[str]) -> dict:
+    """Wall seconds and peak RSS (GiB: largest process from ``/usr/bin/time -f %M``, and the polled
+    sum over the process tree) of a child command."""
     t = time.perf_counter()
-    r = subprocess.run(
+    p = subprocess.Popen(
         ["/usr/bin/time", "-f", "%M", *cmd],
-        check=True,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, DSV3TOOLS_NO_PROGRESS="1"),
     )
+    proc, peak = psutil.Process(p.pid), 0
+    while p.poll() is None:
+        peak = max(peak, tree_rss(proc))
+        time.sleep(0.05)
     wall = time.perf_counter() - t
-    return wall, int(r.stderr.strip().splitlines()[-1]) / 2**20
+    err = p.stderr.read() if p.stderr else ""
+    if p.returncode:
+        raise RuntimeError(f"{cmd}: exit {p.returncode}: {err[-2000:]}")
+    return {"s": wall, "rss": int(err.strip().splitlines()[-1]) / 2**20, "rss_tree": peak / 2**30}
 
 
 def ensure(path: Path, layers: int, experts: int, shard_bytes: int) -> Path:
@@ -85,102 +126,116 @@ def shard_stats(path: Path) -> tuple[int, int, int]:
     return len(files), sum(f.stat().st_size for f in files), max(f.stat().st_size for f in files)
 
 
-def run_ours(model: Path, out: Path, to: str, workers: int) -> tuple[float, float]:
+def run_ours(model: Path, out: Path, to: str, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    return timed(
-        [
-            sys.executable,
-            "-m",
-            "dsv3tools",
-            "convert",
-            "--model",
-            str(model),
-            "--to",
-            to,
-            "--out",
-            str(out),
-            "--workers",
-            str(workers),
-            "--json",
-        ]
-    )
+    drop_cache(model)
+    cmd = ["-m", "dsv3tools", "convert", "--model", str(model), "--to", to, "--out", str(out)]
+    return timed([sys.executable, *cmd, "--workers", str(workers), "--json"])
 
 
-def run_naive(model: Path, out: Path, to: str) -> tuple[float, float]:
+def run_naive(model: Path, out: Path, to: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    drop_cache(model)
     r = timed([sys.executable, __file__, "--naive", str(model), str(out), to])
     shutil.rmtree(out, ignore_errors=True)
     return r
 
 
-def run_cp(src: Path, dst: Path) -> float:
+def run_cp(src: Path, dst: Path) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
-    subprocess.run(["sync"], check=True)
+    drop_cache(src)
     t = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    subprocess.run(["sync"], check=True)
+    subprocess.run(["sync", *[str(f) for f in dst.rglob("*") if f.is_file()]], check=True)
     wall = time.perf_counter() - t
     shutil.rmtree(dst, ignore_errors=True)
-    return wall
+    return {"s": wall}
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def bench_ours(model: Path, out: Path, to: str, workers: int, repeat: int, cp_dst: Path | None) -> dict:
+    """``repeat`` runs of ours (and, when ``cp_dst`` is given, of ``cp -r`` of the produced folder)."""
+    ours, cps = [], []
+    for _ in range(repeat):
+        ours.append(run_ours(model, out, to, workers))
+        if cp_dst is not None:
+            cps.append(run_cp(out, cp_dst))
+        shutil.rmtree(out, ignore_errors=True)
+    row = {
+        "ours_s": median_of(ours, "s"),
+        "ours_runs_s": [round(r["s"], 1) for r in ours],
+        "rss_gib": max(r["rss"] for r in ours),
+        "rss_tree_gib": max(r["rss_tree"] for r in ours),
+    }
+    if cps:
+        row.update(cp_s=median_of(cps, "s"), cp_runs_s=[round(r["s"], 1) for r in cps])
+        row["ratio_vs_cp"] = row["ours_s"] / row["cp_s"]
+    return row
+
+
+def bench_naive(model: Path, out: Path, to: str, repeat: int) -> dict:
+    runs = [run_naive(model, out, to) for _ in range(repeat)]
+    return {
+        "naive_s": median_of(runs, "s"),
+        "naive_runs_s": [round(r["s"], 1) for r in runs],
+        "rss_naive_gib": max(r["rss"] for r in runs),
+    }
+
+
+def emit(row: dict) -> None:
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cvbench"))
     ap.add_argument("--naive", nargs=3, metavar=("MODEL", "OUT", "TO"))
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", default="1,2", help="comma-separated --workers values")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--targets", default="bf16,int4", help="comma-separated: bf16, int4")
     a = ap.parse_args()
     if a.naive:
         naive(Path(a.naive[0]), Path(a.naive[1]), a.naive[2])
         return
     big = ensure(a.workdir / "rs2", 2, 16, 10**9)
     small = ensure(a.workdir / "rs1", 1, 8, 10**9)
-    rows = []
-    for name, model, full in (("A", big, True), ("B", small, False)):
+    print(f"load average: {os.getloadavg()}", flush=True)
+    workers = [int(x) for x in a.workers.split(",")]
+    if "bf16" in a.targets:
+        bench_bf16(a.workdir, big, small, workers, a.repeat)
+    if "int4" in a.targets:
+        bench_int4(a.workdir, small, workers, a.repeat)
+
+
+def bench_bf16(workdir: Path, big: Path, small: Path, workers: list[int], repeat: int) -> None:
+    """fp8 -> bf16 on both checkpoints; on A also ``cp -r`` of the output and the naive baseline."""
+    for name, model in (("A", big), ("B", small)):
         n, total, largest = shard_stats(model)
-        out = a.workdir / f"{name}-bf16"
-        t1, rss1 = run_ours(model, out, "bf16", a.workers)
-        row = {
-            "checkpoint": name,
-            "shards": n,
-            "gb": total / 1e9,
-            "largest_shard_gb": largest / 1e9,
-            "to": "bf16",
-            "workers": a.workers,
-            "ours_s": t1,
-            "rss_gib": rss1,
-            "rss_target_gib": 1 + 2 * largest / 2**30,
-        }
-        if full:
-            tcp = run_cp(out, a.workdir / f"{name}-cp")
-            tn, rssn = run_naive(model, a.workdir / f"{name}-naive", "bf16")
-            row.update(
-                cp_s=tcp, naive_s=tn, ratio_vs_cp=t1 / tcp, speedup_vs_naive=tn / t1, rss_naive_gib=rssn
-            )
-        shutil.rmtree(out, ignore_errors=True)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        base = {"checkpoint": name, "shards": n, "gb": total / 1e9, "largest_shard_gb": largest / 1e9}
+        base["rss_target_gib"] = 1 + 2 * largest / 2**30
+        naive_row = bench_naive(model, workdir / f"{name}-naive", "bf16", repeat) if name == "A" else {}
+        for w in workers:
+            cp_dst = workdir / f"{name}-cp" if name == "A" else None
+            row = dict(base, to="bf16", workers=w)
+            row.update(bench_ours(model, workdir / f"{name}-bf16", "bf16", w, repeat, cp_dst))
+            if naive_row:
+                row.update(naive_row, speedup_vs_naive=naive_row["naive_s"] / row["ours_s"])
+            emit(row)
+
+
+def bench_int4(workdir: Path, small: Path, workers: list[int], repeat: int) -> None:
+    """fp8 -> int4 (experts, rtn) on B against the naive baseline."""
     n, total, largest = shard_stats(small)
-    out = a.workdir / "B-int4"
-    t1, rss1 = run_ours(small, out, "int4", a.workers)
-    shutil.rmtree(out, ignore_errors=True)
-    tn, rssn = run_naive(small, a.workdir / "B-naive-int4", "int4")
-    rows.append(
-        {
-            "checkpoint": "B",
-            "shards": n,
-            "gb": total / 1e9,
-            "to": "int4 (experts, rtn)",
-            "workers": a.workers,
-            "ours_s": t1,
-            "naive_s": tn,
-            "speedup_vs_naive": tn / t1,
-            "rss_gib": rss1,
-            "rss_naive_gib": rssn,
-            "rss_target_gib": 1 + 2 * largest / 2**30,
-        }
-    )
-    print(json.dumps(rows[-1]), flush=True)
+    naive_row = bench_naive(small, workdir / "B-naive-int4", "int4", repeat)
+    for w in workers:
+        row = {"checkpoint": "B", "shards": n, "gb": total / 1e9, "to": "int4 (experts, rtn)", "workers": w}
+        row.update(bench_ours(small, workdir / "B-int4", "int4", w, repeat, None))
+        row.update(naive_row, speedup_vs_naive=naive_row["naive_s"] / row["ours_s"])
+        row["rss_target_gib"] = 1 + 2 * largest / 2**30
+        emit(row)
 
 
 if __name__ == "__main__":

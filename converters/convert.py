@@ -23,7 +23,7 @@ import torch
 
 from dsv3tools.checkpoint import Checkpoint
 from dsv3tools.converters.convert_math import BAND_ELEMENTS, SourceWeight, encode_fp8, encode_int4, rel_error
-from dsv3tools.converters.tensor_io import ShardReader
+from dsv3tools.converters.tensor_io import Location, ShardReader, write_shard_streaming
 from dsv3tools.errors import DSV3Error
 from dsv3tools.layout import Weight, storage
 from dsv3tools.writer import (
@@ -236,6 +236,19 @@ class ConvertProducer:
         self.reader = ShardReader(ck.path, ck.infos())
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
         self._scratch = torch.empty(0, dtype=torch.float32)
+        self._out = [torch.empty(0, dtype=torch.bfloat16), torch.empty(0, dtype=torch.bfloat16)]
+        self._turn = 0
+
+    def out_buffer(self, shape: tuple[int, int]) -> torch.Tensor:
+        """One of two reused bf16 output buffers, in turn: the streaming writer has at most one tensor in
+        flight while the next is produced, so alternating two buffers is safe and needs no allocation or
+        page faults per tensor."""
+        n = shape[0] * shape[1]
+        self._turn ^= 1
+        if self._out[self._turn].numel() < n:
+            self._out[self._turn] = torch.empty(0, dtype=torch.bfloat16)  # free the old one first
+            self._out[self._turn] = torch.empty(n, dtype=torch.bfloat16)
+        return self._out[self._turn][:n].view(shape)
 
     def scratch(self, cols: int) -> torch.Tensor:
         """A reused float32 band buffer (no page faults per tensor)."""
@@ -243,6 +256,10 @@ class ConvertProducer:
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.float32)
         return self._scratch
+
+    def locate(self, spec: OutSpec) -> Location | None:
+        """The source bytes of a byte-copied tensor (None for re-encoded ones)."""
+        return self.reader.locate(spec.name) if spec.key is None else None
 
     def __call__(self, spec: OutSpec) -> torch.Tensor:
         conv = spec.key
@@ -257,7 +274,8 @@ class ConvertProducer:
         src = SourceWeight(self.reader.get, conv.prefix, conv.src_fmt, conv.shape, self.block)
         p = conv.prefix
         if conv.dst_fmt == "bf16":
-            return {f"{p}.weight": src.to_bf16(scratch=self.scratch(conv.shape[1]))}
+            out = self.out_buffer(conv.shape)
+            return {f"{p}.weight": src.to_bf16(out=out, scratch=self.scratch(conv.shape[1]))}
         if conv.dst_fmt == "fp8":
             q, s = encode_fp8(src, self.opts.scale_fmt, BLOCK)
             return {f"{p}.weight": q, f"{p}.weight_scale_inv": s}
@@ -269,6 +287,12 @@ class ConvertProducer:
             f"{p}.weight_scale": scale,
             f"{p}.weight_shape": torch.tensor(conv.shape, dtype=torch.int64),
         }
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def _streaming_writer(path: Path, shard: ShardPlan, produce: ConvertProducer, metadata: dict | None) -> int:
+    """``writer.write_shard``'s bytes, streamed: byte copies file to file, encodes overlapped with I/O."""
+    return write_shard_streaming(path, shard, produce, produce.locate, metadata)
 
 
 # ---- the command -----------------------------------------------------------------------------------
@@ -290,6 +314,7 @@ def convert_job(model: str | Path, out: str | Path, opts: ConvertOptions) -> tup
         "convert",
         options,
         extra_files=non_weight_files(ck.path),
+        shard_writer=_streaming_writer,
     )
     return ck, job
 

@@ -85,7 +85,7 @@ def plan_shards(
     return [ShardPlan(shard_name(i, len(groups), prefix), g) for i, g in enumerate(groups) if g]
 
 
-def _header_bytes(tensors: list[OutSpec], metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
+def header_bytes(tensors: list[OutSpec], metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offsets, pos = [], 0
     for t in tensors:
@@ -109,7 +109,7 @@ def write_shard(
     path: Path, plan: ShardPlan, produce: Producer, metadata: dict[str, str] | None = None
 ) -> int:
     """Stream one shard: header, then each tensor as it is produced (``None`` leaves a sparse hole)."""
-    head, offsets = _header_bytes(plan.tensors, metadata)
+    head, offsets = header_bytes(plan.tensors, metadata)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(head)
@@ -155,6 +155,8 @@ class WriteJob:
     index_name: str | None = "model.safetensors.index.json"
     metadata: dict[str, str] | None = None
     sparse: bool = False  # data regions are holes: no disk space is needed for them
+    # writes one shard file atomically and returns its size; default :func:`write_shard`
+    shard_writer: Callable[[Path, ShardPlan, Producer, dict[str, str] | None], int] | None = None
 
     @cached_property
     def fingerprint(self) -> str:
@@ -214,7 +216,8 @@ def _check_space(job: WriteJob, todo: list[ShardPlan]) -> None:
 
 
 def _write_one(job: WriteJob, shard: ShardPlan) -> int:
-    size = write_shard(job.out_dir / shard.filename, shard, job.produce, job.metadata)
+    write = job.shard_writer or write_shard
+    size = write(job.out_dir / shard.filename, shard, job.produce, job.metadata)
     atomic_write_json(job.done_marker(shard), {"fingerprint": job.fingerprint, "size": size})
     return shard.nbytes
 

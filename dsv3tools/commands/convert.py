@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -53,7 +54,9 @@ def register(app: typer.Typer) -> None:
         int4_scope: str = typer.Option("experts", "--int4-scope", help="experts (routed experts only) | all"),
         int4_method: str = typer.Option("rtn", "--int4-method", help="rtn | mse (per-group clipping search)"),
         scale_fmt: str = typer.Option("float", "--scale-fmt", help="fp8 block scales: float | ue8m0"),
-        workers: int = typer.Option(1, "--workers", help="processes (one output shard each at a time)"),
+        workers: int = typer.Option(
+            min(4, os.cpu_count() or 1), "--workers", help="processes (one output shard each at a time)"
+        ),
         part: str = typer.Option(None, "--part", help="K/N: write every N-th output shard starting at K"),
         report: Path = typer.Option(None, "--report", help="write per-tensor relative errors (JSON) here"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, write nothing"),
