@@ -1,4 +1,4 @@
-"""Forward benchmarks (run by hand; results in benchmarks/RESULTS_forward.md).
+"""Forward benchmarks (run by hand; results in benchmarks/RESULTS.md).
 
     python benchmarks/forward.py [--workdir DIR] [--dtype float32|bfloat16] [--prompt-len 256] [--decode 32]
         [--runs 3] [--threads N]
