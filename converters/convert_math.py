@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from dsv3tools.quant import INT4_MAX, cdiv, fp8_block_dequant, fp8_block_quant, int4_unpack
+from dsv3tools.quant import INT4_MAX, cdiv, fp8_block_dequant, fp8_block_quant, int4_quant, int4_unpack
 
 BAND_ELEMENTS = 1 << 22  # about 16 MB of float32 per band
 Getter = Callable[[str], torch.Tensor]
@@ -185,30 +185,6 @@ def int4_rtn_packed(w: torch.Tensor, group: int, packed: torch.Tensor, scale: to
     scale.copy_(sc.view(rows, -1))
 
 
-def int4_mse(
-    w: torch.Tensor, group: int, grid: int = 20, min_ratio: float = 0.75
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``int4_quant(w, group, "mse")`` bit for bit, with one reused temporary instead of six per ratio."""
-    rows, cols = w.shape
-    g = w.view(rows, cols // group, group)
-    amax = g.abs().amax(dim=-1, keepdim=True)
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    t = torch.empty_like(g)
-    best_scale = best_err = None
-    for c in torch.linspace(1.0, min_ratio, grid).tolist():
-        scale = (amax * c / INT4_MAX).to(torch.bfloat16).float()
-        torch.div(g, scale, out=t).round_().clamp_(-8, 7).mul_(scale).sub_(g)
-        err = t.mul_(t).sum(dim=-1, keepdim=True)
-        if best_err is None:
-            best_scale, best_err = scale, err
-        else:
-            better = err < best_err
-            best_scale = torch.where(better, scale, best_scale)
-            best_err = torch.where(better, err, best_err)
-    q = torch.div(g, best_scale, out=t).round_().clamp_(-8, 7).to(torch.int8).view(rows, cols)
-    return q, best_scale.squeeze(-1).to(torch.bfloat16)
-
-
 def pack_into(q: torch.Tensor, packed: torch.Tensor) -> None:
     """``int4_pack(q)`` written into ``packed`` (int32), through bytes as in :func:`int4_rtn_packed`."""
     rows, cols = q.shape
@@ -228,7 +204,7 @@ def encode_int4(
         if method == "rtn":
             int4_rtn_packed(w, group, packed[r0:r1], scale[r0:r1])
         else:
-            qb, sb = int4_mse(w, group)
+            qb, sb = int4_quant(w, group, "mse")
             pack_into(qb, packed[r0:r1])
             scale[r0:r1] = sb
     return packed, scale

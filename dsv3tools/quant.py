@@ -124,17 +124,19 @@ def int4_quant(
         ratios = torch.linspace(1.0, min_ratio, grid).tolist()
     else:
         raise ValueError(f"unknown int4 method {method!r}; use 'rtn' or 'mse'")
+    t = torch.empty_like(g)  # one reused temporary for the whole search
     best_scale = best_err = None
     for c in ratios:
         scale = (amax * c / INT4_MAX).to(torch.bfloat16).float()
-        err = ((torch.clamp(torch.round(g / scale), -8, 7) * scale - g) ** 2).sum(dim=-1, keepdim=True)
+        torch.div(g, scale, out=t).round_().clamp_(-8, 7).mul_(scale).sub_(g)
+        err = t.mul_(t).sum(dim=-1, keepdim=True)
         if best_err is None:
             best_scale, best_err = scale, err
         else:
             better = err < best_err
             best_scale = torch.where(better, scale, best_scale)
             best_err = torch.where(better, err, best_err)
-    q = torch.clamp(torch.round(g / best_scale), -8, 7).to(torch.int8).view(w.shape)
+    q = torch.div(g, best_scale, out=t).round_().clamp_(-8, 7).to(torch.int8).view(w.shape)
     return q, best_scale.squeeze(-1).to(torch.bfloat16)
 
 
