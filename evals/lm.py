@@ -226,7 +226,7 @@ def dequantize_small(model: Any, max_bytes: int = 2**30) -> bool:
     """Replace FP8/int4 linear weights by their dequantized ``model.dtype`` values once, instead of per use,
     when they fit in ``max_bytes``. Numerically identical to the dequantizing backend (same function, same
     rounding); a no-op for big models or other backends. True if it dequantized."""
-    from dsv3tools.linear import Linear, dequant_weight
+    from dsv3tools.linear import Linear
 
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.fmt in ("fp8", "int4")]
     if getattr(model, "backend", "dequant") != "dequant" or getattr(model, "streamer", None) is not None:
@@ -235,7 +235,5 @@ def dequantize_small(model: Any, max_bytes: int = 2**30) -> bool:
     if not layers or size > max_bytes:
         return False
     for m in layers:
-        w = dequant_weight(m, model.dtype)
-        m.clear()
-        m.weight = w
+        m.materialize(model.dtype)
     return True
