@@ -200,11 +200,13 @@ def synthesize(
     layers: int | None = None,
     experts: int | None = None,
     max_shard_bytes: int | None = None,
+    overrides: dict | None = None,
 ) -> dict:
-    """Write a synthetic checkpoint; returns a summary (tensors, bytes, shards)."""
+    """Write a synthetic checkpoint; returns a summary (tensors, bytes, shards). ``overrides`` replaces
+    config.json fields of the preset (e.g. more heads for tensor-parallel tests)."""
     if sparse and preset != "full":
         raise DSV3Error("--sparse is only for --preset full (the other presets hold real random data)")
-    cfg_dict = preset_config(preset, layers, experts, dtype)
+    cfg_dict = {**preset_config(preset, layers, experts, dtype), **(overrides or {})}
     cfg = ModelConfig.from_dict(cfg_dict)
     fmt = "fp8" if dtype == "fp8" else "bf16"
     weights = model_weights(cfg)

@@ -30,6 +30,33 @@ def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# tiny, with enough heads and shared-expert rows that every tensor-parallel split at N = 2 and 4 falls on
+# whole 128-row FP8 blocks
+WIDE_OVERRIDES = {"num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_wide_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FP8 tiny with 16 heads and a 512-row shared expert (read-only)."""
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-wide-fp8"
+    synthesize(out, preset="tiny", seed=0, overrides=WIDE_OVERRIDES)
+    return out
+
+
+def raw_tensors(folder: Path) -> dict[str, bytes]:
+    """Every stored tensor's bytes, read straight from the shard files through their headers."""
+    from dsv3tools.checkpoint import Checkpoint
+
+    ck = Checkpoint(folder)
+    out = {}
+    for shard in ck.shards:
+        data = (folder / shard).read_bytes()
+        base = 8 + int.from_bytes(data[:8], "little")
+        for name, info in ck.header(shard).items():
+            out[name] = data[base + info.offsets[0] : base + info.offsets[1]]
+    return out
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m dsv3tools ARGS`` in a subprocess (the real exit codes and streams)."""
     full_env = dict(os.environ, DSV3TOOLS_NO_PROGRESS="1", **(env or {}))

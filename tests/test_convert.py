@@ -23,6 +23,7 @@ from dsv3tools.checkpoint import Checkpoint
 from dsv3tools.converters.convert import ConvertOptions, convert
 from dsv3tools.converters.convert_math import SourceWeight, encode_int4
 from dsv3tools.synth import synthesize
+from tests.conftest import raw_tensors
 
 E4M3 = torch.float8_e4m3fn
 
@@ -66,18 +67,6 @@ def ref_int4_dequant(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = ref_int4_unpack(packed).float()
     group = q.shape[1] // scale.shape[1]
     return q * scale.float().repeat_interleave(group, dim=1)
-
-
-def raw_tensors(folder: Path) -> dict[str, bytes]:
-    """Every stored tensor's bytes, read straight from the files through the headers."""
-    ck = Checkpoint(folder)
-    out = {}
-    for shard in ck.shards:
-        data = (folder / shard).read_bytes()
-        base = 8 + int.from_bytes(data[:8], "little")
-        for name, info in ck.header(shard).items():
-            out[name] = data[base + info.offsets[0] : base + info.offsets[1]]
-    return out
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsv3tools import synth
 from dsv3tools.converters.reshard import ReshardOptions, reshard
 from dsv3tools.distributed import is_resharded, load_resharded
 from dsv3tools.distributed_modules import ExpertParallelMoE
@@ -24,20 +23,6 @@ from dsv3tools.model_io import load_model
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from dist_worker import run as run_checks  # noqa: E402
-
-WIDE = {**synth.PRESETS["tiny"], "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 4}
-
-
-@pytest.fixture(scope="module")
-def wide_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """FP8 tiny with 16 heads and a 512-row shared expert: every TP split falls on whole 128-blocks."""
-    out = tmp_path_factory.mktemp("wide") / "wide-fp8"
-    synth.PRESETS["tiny-wide"] = WIDE
-    try:
-        synth.synthesize(out, preset="tiny-wide", max_shard_bytes=2 * 10**6)
-    finally:
-        del synth.PRESETS["tiny-wide"]
-    return out
 
 
 def _skewed_loads(path: Path, src: Path) -> Path:
@@ -66,10 +51,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
 @pytest.mark.parametrize(
     "which, n, redundant", [("bf16", 2, 0), ("bf16", 4, 4), ("fp8-wide", 2, 2), ("fp8", 4, 4)]
 )
-def test_torchrun_matches_single_process(which, n, redundant, tiny_bf16, tiny_fp8, wide_fp8, tmp_path):
+def test_torchrun_matches_single_process(which, n, redundant, tiny_bf16, tiny_fp8, tiny_wide_fp8, tmp_path):
     """fp8-wide: every TP split falls on 128-blocks (FP8 slices + split scales on each rank); fp8 (tiny):
     q_b_proj, o_proj and the shared expert would cut a block at N=4 and are stored whole, sliced at load."""
-    src = {"bf16": tiny_bf16, "fp8": tiny_fp8, "fp8-wide": wide_fp8}[which]
+    src = {"bf16": tiny_bf16, "fp8": tiny_fp8, "fp8-wide": tiny_wide_fp8}[which]
     out = tmp_path / "ep"
     opt = ReshardOptions(n, num_redundant=redundant, expert_load=str(_skewed_loads(tmp_path / "l.json", src)))
     res = reshard(src, out, opt)

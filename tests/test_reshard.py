@@ -31,12 +31,6 @@ SPLIT_DIMS = {
 }
 EXPERT_BYTES_FULL = 44_050_944  # SPEC sec. 3: one routed expert per layer, FP8 with scales
 FULL_BYTES = 688_574_839_360
-WIDE = {  # tiny, with enough heads/rows that every TP split falls on whole 128-blocks at N = 2 and 4
-    **synth.PRESETS["tiny"],
-    "num_attention_heads": 16,
-    "num_key_value_heads": 16,
-    "n_shared_experts": 4,
-}
 
 
 @pytest.fixture
@@ -49,17 +43,6 @@ def run(capsys):
         return code, cap.out, cap.err
 
     return _run
-
-
-@pytest.fixture(scope="module")
-def wide_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wide") / "wide-fp8"
-    synth.PRESETS["tiny-wide"] = WIDE
-    try:
-        synth.synthesize(out, preset="tiny-wide", max_shard_bytes=2 * 10**6)
-    finally:
-        del synth.PRESETS["tiny-wide"]
-    return out
 
 
 def _load_ranks(out: Path, n: int, prefix: str = "rank") -> list[dict[str, torch.Tensor]]:
@@ -146,8 +129,8 @@ def _check_placement(out: Path, n: int, e: int, r: int, cfg) -> dict:
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("redundant", [0, 4])
 @pytest.mark.parametrize("which", ["bf16", "fp8"])
-def test_rank_files_reproduce_every_tensor(n, redundant, which, tiny_bf16, wide_fp8, tmp_path, run):
-    src = tiny_bf16 if which == "bf16" else wide_fp8
+def test_rank_files_reproduce_every_tensor(n, redundant, which, tiny_bf16, tiny_wide_fp8, tmp_path, run):
+    src = tiny_bf16 if which == "bf16" else tiny_wide_fp8
     out = tmp_path / "ep"
     loads = tmp_path / "loads.json"  # skewed loads so that replicas go to the hot experts
     ck = Checkpoint(src)
@@ -281,13 +264,13 @@ def _demo_expected(cfg, n: int, fp8: bool) -> dict[str, tuple[torch.dtype, tuple
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_deepseek_format(n, wide_fp8, tmp_path, run):
+def test_deepseek_format(n, tiny_wide_fp8, tmp_path, run):
     out = tmp_path / "mp"
     code, _, err = run(
-        "reshard", "--model", wide_fp8, "--gpus", n, "--format", "deepseek", "--out", out, "--json"
+        "reshard", "--model", tiny_wide_fp8, "--gpus", n, "--format", "deepseek", "--out", out, "--json"
     )
     assert code == 0, err
-    ck = Checkpoint(wide_fp8)
+    ck = Checkpoint(tiny_wide_fp8)
     cfg = ck.config
     exp = _demo_expected(cfg, n, fp8=True)
     per = cfg.n_routed_experts // n

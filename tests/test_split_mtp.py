@@ -13,17 +13,7 @@ from dsv3tools.checkpoint import Checkpoint
 from dsv3tools.inspection import inspect_checkpoint
 from dsv3tools.layout import layer_of
 from dsv3tools.synth import synthesize
-
-
-def raw_tensors(folder: Path) -> dict[str, bytes]:
-    ck = Checkpoint(folder)
-    out = {}
-    for shard in ck.shards:
-        data = (folder / shard).read_bytes()
-        base = 8 + int.from_bytes(data[:8], "little")
-        for name, info in ck.header(shard).items():
-            out[name] = data[base + info.offsets[0] : base + info.offsets[1]]
-    return out
+from tests.conftest import raw_tensors
 
 
 def test_split_then_merge_is_byte_identical(tiny_fp8: Path, tmp_path: Path) -> None:
