@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3tools.config import ModelConfig
+from dsv3tools.converters.placement import derive
 from dsv3tools.linear import Linear, linear
 from dsv3tools.model import Embedding
 from dsv3tools.model_moe import MLP, MoE
@@ -90,13 +91,8 @@ class ExpertParallelMoE(MoE):
                 for s in range(self.lo, self.hi)
             }
         )
-        p2l = torch.tensor(phy2log, dtype=torch.long)
-        logcnt = torch.bincount(p2l, minlength=cfg.n_routed_experts)
-        log2phy = torch.full((cfg.n_routed_experts, int(logcnt.max())), -1, dtype=torch.long)
-        fill = [0] * cfg.n_routed_experts
-        for s, e in enumerate(phy2log):
-            log2phy[e, fill[e]] = s
-            fill[e] += 1
+        cnt, l2p = derive(phy2log, cfg.n_routed_experts)
+        logcnt, log2phy = torch.from_numpy(cnt), torch.from_numpy(l2p)
         self.register_buffer("logcnt", logcnt, persistent=False)
         self.register_buffer("log2phy", log2phy, persistent=False)
         self.calls = 0
@@ -109,19 +105,13 @@ class ExpertParallelMoE(MoE):
         return self.log2phy.to(idx.device)[idx, rep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, idx = self.gate(x)
-        if self.record:
-            self.counts += torch.bincount(idx.flatten().cpu(), minlength=self.counts.numel())
-        out = self._routed_local(x, weights, idx)
-        self.calls += 1
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return all_reduce_sum(out).view(shape)
+        """The base MoE over this rank's slots and shared-expert slice, summed over ranks."""
+        return all_reduce_sum(super().forward(x))
 
-    def _routed_local(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The (token, expert) pairs whose chosen replica lives on this rank; the rest contribute zero."""
         slot = self.choose_slots(idx).flatten()
+        self.calls += 1
         k = idx.shape[1]
         mine = torch.nonzero((slot >= self.lo) & (slot < self.hi)).flatten()
         out = torch.zeros_like(x)
