@@ -30,6 +30,20 @@ def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# SPEC sec. 5: the compressed-tensors weights scheme of an int4 config group, written out for the tests
+SPEC_INT4_WEIGHTS = {
+    "num_bits": 4,
+    "type": "int",
+    "symmetric": True,
+    "strategy": "group",
+    "group_size": 128,
+    "dynamic": False,
+    "actorder": None,
+    "observer": "minmax",
+    "observer_kwargs": {},
+    "block_structure": None,
+}
+
 # tiny, with enough heads and shared-expert rows that every tensor-parallel split at N = 2 and 4 falls on
 # whole 128-row FP8 blocks
 WIDE_OVERRIDES = {"num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 4}

@@ -23,7 +23,7 @@ from dsv3tools.checkpoint import Checkpoint
 from dsv3tools.converters.convert import ConvertOptions, convert
 from dsv3tools.converters.convert_math import SourceWeight, encode_int4
 from dsv3tools.synth import synthesize
-from tests.conftest import raw_tensors
+from tests.conftest import SPEC_INT4_WEIGHTS, raw_tensors
 
 E4M3 = torch.float8_e4m3fn
 
@@ -188,18 +188,7 @@ def test_same_format_is_a_copy_and_scale_fmt_change_requantizes(tiny_fp8: Path, 
 
 
 # ---- 3. int4 -------------------------------------------------------------------------------------------
-INT4_WEIGHTS = {
-    "num_bits": 4,
-    "type": "int",
-    "symmetric": True,
-    "strategy": "group",
-    "group_size": 128,
-    "dynamic": False,
-    "actorder": None,
-    "observer": "minmax",
-    "observer_kwargs": {},
-    "block_structure": None,
-}
+INT4_WEIGHTS = SPEC_INT4_WEIGHTS
 
 
 @pytest.mark.parametrize("scope", ["experts", "all"])

@@ -25,6 +25,7 @@ from dsv3tools.model_attention import MLA
 from dsv3tools.model_io import load_model, save_checkpoint
 from dsv3tools.model_moe import Gate
 from dsv3tools.quant import fp8_block_dequant, int4_dequant, int4_pack, int4_quant
+from tests.conftest import SPEC_INT4_WEIGHTS
 
 SEQ = 176  # past tiny's original_max_position_embeddings (128)
 
@@ -64,18 +65,7 @@ INT4_QC = {
     "config_groups": {
         "group_0": {
             "targets": ["Linear"],
-            "weights": {
-                "num_bits": 4,
-                "type": "int",
-                "symmetric": True,
-                "strategy": "group",
-                "group_size": 128,
-                "dynamic": False,
-                "actorder": None,
-                "observer": "minmax",
-                "observer_kwargs": {},
-                "block_structure": None,
-            },
+            "weights": SPEC_INT4_WEIGHTS,
             "input_activations": None,
             "output_activations": None,
         }

@@ -144,7 +144,7 @@ def test_rank_files_reproduce_every_tensor(n, redundant, which, tiny_bf16, tiny_
             }
         )
     )
-    code, stdout, err = run(
+    args = (
         "reshard",
         "--model",
         src,
@@ -158,6 +158,7 @@ def test_rank_files_reproduce_every_tensor(n, redundant, which, tiny_bf16, tiny_
         out,
         "--json",
     )
+    code, stdout, err = run(*args)
     assert code == 0, err
     res = json.loads(stdout)
     pl = _check_placement(out, n, e, redundant, ck.config)
@@ -169,20 +170,7 @@ def test_rank_files_reproduce_every_tensor(n, redundant, which, tiny_bf16, tiny_
         assert v["imbalance"] <= v["imbalance_eplb"] + 1e-9
     if redundant:
         assert any(len(set(v["phy2log"])) < len(v["phy2log"]) for v in pl["layers"].values())
-    code, stdout, _ = run(
-        "reshard",
-        "--model",
-        src,
-        "--gpus",
-        n,
-        "--redundant-experts",
-        redundant,
-        "--expert-load",
-        loads,
-        "--out",
-        out,
-        "--json",
-    )  # resume: nothing left to write
+    code, stdout, _ = run(*args)  # resume: nothing left to write
     assert code == 0 and json.loads(stdout)["written"] == []
 
 
