@@ -8,10 +8,28 @@ import os
 import sys
 import traceback
 
-import click
 import typer
 
 from dsv3tools.errors import DSV3Error
+
+
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """Click's exception class ``name`` from click itself and from typer's vendored copy (typer >= 0.2x
+    raises the latter), whichever are installed."""
+    found = []
+    for mod in ("typer._click.exceptions", "click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            continue
+        if cls is not None and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+USAGE_ERRORS = _click_classes("ClickException")
+EXITS = (*_click_classes("Exit"), typer.Exit)
+ABORTS = (*_click_classes("Abort"), typer.Abort)
 
 COMMAND_MODULES = [
     "synth",
@@ -48,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except DSV3Error as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         code = 2
-    except click.exceptions.Exit as e:
+    except EXITS as e:
         code = e.exit_code
-    except click.ClickException as e:
+    except USAGE_ERRORS as e:
         e.show()
         code = 2
-    except click.exceptions.Abort:
+    except ABORTS:
         print("aborted", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

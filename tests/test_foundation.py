@@ -268,3 +268,13 @@ def test_config_values_and_errors(tmp_path: Path) -> None:
 def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:
     r = run_cli("inspect", "--model", tmp_path / "nope")
     assert r.returncode == 2 and "nope" in r.stderr and "--model" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [(["inspect", "--bogus"], "No such option: --bogus"), (["nosuchcmd"], "No such command 'nosuchcmd'")],
+)
+def test_usage_errors_exit_2_without_traceback(argv: list[str], said: str) -> None:
+    r = run_cli(*argv)
+    assert r.returncode == 2 and said in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr
