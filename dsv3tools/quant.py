@@ -71,7 +71,8 @@ def fp8_block_quant(
         raise ValueError(f"unknown scale_fmt {scale_fmt!r}; use 'float' or 'ue8m0'")
     w = w.float()
     amax = _block_view(w, block).abs().amax(dim=(1, 3))
-    s = torch.where(amax > 0, amax, torch.ones_like(amax)) / FP8_MAX
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    s = amax / torch.full_like(amax, FP8_MAX)  # an IEEE quotient on every device (see kernels.reference)
     if scale_fmt == "ue8m0":
         s = round_scale_ue8m0(s)
     q = (w / expand_scale(s, tuple(w.shape), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)

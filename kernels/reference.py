@@ -31,7 +31,9 @@ def act_quant(
     xf = x.float().reshape(-1, k)
     padded = torch.nn.functional.pad(xf, (0, groups * block_size - k)).view(-1, groups, block_size)
     amax = padded.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
-    s = amax / FP8_MAX
+    # tensor / tensor: CUDA turns "tensor / python scalar" into a multiply by the rounded reciprocal, which
+    # is 1 ulp off the IEEE quotient for some amax (the kernels and the CPU divide exactly)
+    s = amax / torch.full_like(amax, FP8_MAX)
     if scale_fmt == "ue8m0":
         s = round_scale_ue8m0(s)
     y = (padded / s.unsqueeze(-1)).view(-1, groups * block_size)[:, :k].to(launch.FP8_DTYPE)
