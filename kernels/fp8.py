@@ -190,7 +190,7 @@ def fp8_gemm(
         return c
     if k == 0:
         return c.zero_()
-    tiles = launch.gemm_tiles(m, n, INTERPRETED)
+    tiles = launch.gemm_tiles(m, n, INTERPRETED, sms=launch.sm_count(device), fp8=True)
     grid = (cdiv(m, tiles["BLOCK_M"]), cdiv(n, tiles["BLOCK_N"]))
     fp8_gemm_kernel[grid](
         a,

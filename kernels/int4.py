@@ -24,6 +24,23 @@ from dsv3tools.quant import cdiv
 
 
 @triton.jit
+def unpack_nibbles(words):
+    """int32 words ``[R, W]`` -> their nibbles ``[R, 8W]`` in column order (column ``8w + j`` = bits ``4j..4j+3``
+    of word ``w``), values 0..15. ``tl.interleave`` keeps the shuffle in registers (no shared-memory pass)."""
+    n0 = words & 0xF
+    n1 = (words >> 4) & 0xF
+    n2 = (words >> 8) & 0xF
+    n3 = (words >> 12) & 0xF
+    n4 = (words >> 16) & 0xF
+    n5 = (words >> 20) & 0xF
+    n6 = (words >> 24) & 0xF
+    n7 = (words >> 28) & 0xF
+    even = tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6))  # per word: j = 0, 2, 4, 6
+    odd = tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7))  # per word: j = 1, 3, 5, 7
+    return tl.interleave(even, odd)
+
+
+@triton.jit
 def int4_dequant_kernel(
     w_ptr,
     s_ptr,
@@ -36,16 +53,21 @@ def int4_dequant_kernel(
     BLOCK_K: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """One program writes a BLOCK_N x BLOCK_K tile of the dequantized [N, K] weight."""
+    """One program writes a BLOCK_N x BLOCK_K tile of the dequantized [N, K] weight (each word read once)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    wcols = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     r64 = rows[:, None].to(tl.int64)
-    words = tl.load(w_ptr + r64 * (K // 8) + cols[None, :] // 8, mask=mask, other=0)
-    q = ((words >> ((cols[None, :] % 8) * 4)) & 0xF) - 8
-    s = tl.load(s_ptr + r64 * G + cols[None, :] // GROUP, mask=mask, other=0.0).to(tl.float32)
+    wmask = (rows[:, None] < N) & (wcols[None, :] < K // 8)
+    q = unpack_nibbles(tl.load(w_ptr + r64 * (K // 8) + wcols[None, :], mask=wmask, other=0)) - 8
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    if GROUP % BLOCK_K == 0:  # one scale per row in this tile
+        s = tl.load(s_ptr + rows.to(tl.int64) * G + (pid_k * BLOCK_K) // GROUP, mask=rows < N, other=0.0)
+        s = s.to(tl.float32)[:, None]
+    else:
+        s = tl.load(s_ptr + r64 * G + cols[None, :] // GROUP, mask=mask, other=0.0).to(tl.float32)
     tl.store(
         y_ptr + r64 * K + cols[None, :],
         exact_cast(q.to(tl.float32) * s, y_ptr.dtype.element_ty, INTERP),
@@ -106,20 +128,18 @@ def int4_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 8)
-    shifts = tl.arange(0, 8) * 4
     rm = (offs_m % M).to(tl.int64)  # wrap out-of-range rows/cols onto valid ones; the store is masked
     rn = (offs_n % N).to(tl.int64)
     x_ptrs = x_ptr + rm[:, None] * K + offs_k[None, :]
-    w_ptrs = w_ptr + rn[None, :] * (K // 8) + offs_w[:, None]  # [BLOCK_K / 8, BLOCK_N] words
+    w_ptrs = w_ptr + rn[:, None] * (K // 8) + offs_w[None, :]  # [BLOCK_N, BLOCK_K / 8] words, row-major
     s_ptrs = s_ptr + rn * G
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - i * BLOCK_K
         x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        words = tl.load(w_ptrs, mask=offs_w[:, None] * 8 < k_left, other=0)
-        nib = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [BLOCK_K / 8, 8, BLOCK_N]
-        # via fp32: exact for |q| <= 8 (the interpreter mis-converts int -> bf16 directly)
-        q = (tl.reshape(nib, (BLOCK_K, BLOCK_N)) - 8).to(tl.float32).to(x_ptr.dtype.element_ty)
+        words = tl.load(w_ptrs, mask=offs_w[None, :] * 8 < k_left, other=0)
+        # [BLOCK_K, BLOCK_N]; via fp32: exact for |q| <= 8 (the interpreter mis-converts int -> bf16 directly)
+        q = tl.trans((unpack_nibbles(words) - 8).to(tl.float32).to(x_ptr.dtype.element_ty))
         if INTERP:  # the interpreter multiplies bf16/fp16 bit patterns as integers: dot in fp32
             x = x.to(tl.float32)
             q = q.to(tl.float32)
@@ -175,7 +195,7 @@ def int4_gemm(
     c = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return c
-    tiles = launch.gemm_tiles(m, n, INTERPRETED, fp32=x.dtype == torch.float32)
+    tiles = launch.gemm_tiles(m, n, INTERPRETED, fp32=x.dtype == torch.float32, sms=launch.sm_count(x.device))
     grid = (cdiv(m, tiles["BLOCK_M"]), cdiv(n, tiles["BLOCK_N"]))
     int4_gemm_kernel[grid](
         x,

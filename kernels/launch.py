@@ -8,6 +8,7 @@ an illegal memory access or silently wrong numbers. Also owns the tile heuristic
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 
@@ -86,11 +87,21 @@ def check_triton_device(device: torch.device, interpreted: bool) -> None:
     raise KernelLaunchError(f"Triton kernels cannot run on {device.type} tensors: {hint}")
 
 
+@functools.cache
 def fp8_supported(device: torch.device) -> bool:
-    """Triton's e4m3 type needs compute capability >= 8.9 (Ada, Hopper, Blackwell); CPU = interpreter."""
+    """Triton's e4m3 type needs compute capability >= 8.9 (Ada, Hopper, Blackwell); CPU = interpreter.
+    Cached per device: it is asked on every launch."""
     if device.type != "cuda":
         return True
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (what a grid must fill); 1 elsewhere."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def check_fp8_device(device: torch.device, interpreted: bool) -> None:
@@ -203,17 +214,26 @@ def check_int4_x(x: torch.Tensor, k: int, packed: torch.Tensor) -> None:
     check_same_device(x=x, packed=packed)
 
 
-def gemm_tiles(m: int, n: int, interpreted: bool, fp32: bool = False) -> dict[str, int]:
+def gemm_tiles(
+    m: int, n: int, interpreted: bool, fp32: bool = False, sms: int = 1, fp8: bool = False
+) -> dict[str, int]:
     """Tile sizes for the FP8 / W4A16 GEMMs, by M (decode M=1..16, mid, prefill).
 
     ``fp32``: float32 operands (IEEE dots, parity runs) take 4x the shared memory of fp8; keep tiles small.
+    ``sms``: the device's multiprocessor count; decode narrows BLOCK_N until the grid fills them, except
+    the FP8 GEMM at M = 1, which ran faster with the wide tile on an H200 (benchmarks/RESULTS.md).
     """
+    if fp8 and m == 1:
+        sms = 1
     if interpreted:  # the interpreter is per-program Python: few, modest tiles
         return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if fp32:
         return {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    if m <= 16:  # decode: weight-bandwidth bound, many N tiles to fill the SMs
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
+    if m <= 16:  # decode: weight-bandwidth bound; narrow N tiles so that every SM streams weights
+        block_n = 64
+        while block_n > 16 and cdiv(n, block_n) < sms:
+            block_n //= 2
+        return {"BLOCK_M": 16, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 4}
     if m <= 64:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
     if m <= 256 or n <= 2048:

@@ -210,6 +210,26 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch: pytest.Monkey
         launch.check_triton_device(torch.device("cpu"), interpreted=False)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_tiles_fill_the_multiprocessors(fp8: bool) -> None:
+    for n in (576, 2048, 7168, 24576):
+        for m in (1, 4, 16):
+            t = launch.gemm_tiles(m, n, False, sms=132, fp8=fp8)
+            if fp8 and m == 1:  # measured faster with the wide tile on an H200
+                assert t == launch.gemm_tiles(m, n, False), (m, n)
+                continue
+            assert t["BLOCK_N"] == 16 or -(-n // t["BLOCK_N"]) >= 132, (m, n, t)
+            assert t["BLOCK_N"] == 64 or -(-n // (2 * t["BLOCK_N"])) < 132, (
+                m,
+                n,
+                t,
+            )  # no narrower than needed
+    assert launch.gemm_tiles(64, 2048, False, sms=132) == launch.gemm_tiles(
+        64, 2048, False
+    )  # prefill: as before
+    assert launch.gemm_tiles(1, 7168, True, sms=132)["BLOCK_N"] == 32  # the interpreter's fixed tiles
+
+
 def test_torch_backend_linears_flatten_batch_dims() -> None:
     seed = new_seed()
     gen = torch.Generator().manual_seed(seed)
