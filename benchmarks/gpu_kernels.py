@@ -4,7 +4,9 @@ For every shape (q_b_proj, o_proj, expert gate/up, expert down) and M in 1, 16, 
 each kernel against its PyTorch twin (act_quant, weight_dequant, fp8_gemm, int4_weight_dequant, int4_gemm),
 then times it against ``torch.matmul`` in bf16 on the same shape and prints time, TFLOP/s, GB/s, the
 speedup over bf16 and the fraction of the card's bf16 matmul rate, measured in the same run on an
-8192^3 bf16 matmul.
+8192^3 bf16 matmul. Rates use the GPU time (calls replayed from a CUDA graph); the eager column is the
+time per call launched from Python, launch overhead included. Where the decode tile heuristic narrows
+BLOCK_N to fill the SMs, the GEMMs are also timed with the wide tile (rows "BLOCK_N=64").
 
     python benchmarks/gpu_kernels.py [--m 1,16,128,4096] [--shapes q_b_proj,o_proj] [--json]
     python benchmarks/gpu_kernels.py --interpret-smoke   # CPU, TRITON_INTERPRET=1, tiny shapes
@@ -16,11 +18,12 @@ Exit codes: 0 all checks passed; 1 a kernel disagreed with its twin; 2 no CUDA d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 SHAPES = {  # name: (N = out_features, K = in_features)
     "q_b_proj": (24576, 1536),
@@ -44,19 +47,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def timer(device: str) -> Callable[[Callable[[], object]], float]:
-    """Milliseconds per call: median of triton.testing.do_bench on CUDA, one timed call on CPU."""
+def timer(device: str) -> Callable[[Callable[[], object]], tuple[float, float]]:
+    """(eager, graph) milliseconds per call. CUDA: the median of ``triton.testing.do_bench`` (each call
+    launched from Python, as an eager caller sees it: launch overhead included when it exceeds the GPU time)
+    and of ``do_bench_cudagraph`` (the calls replayed from a CUDA graph: GPU time alone). CPU: one call."""
     if device == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
-        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        def cuda(fn: Callable[[], object]) -> tuple[float, float]:
+            eager = float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            try:
+                graph = float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+            except Exception as e:  # a launcher that cannot be captured: report, do not stop the table
+                print(f"  (no CUDA-graph timing: {type(e).__name__}: {e})", file=sys.stderr)
+                graph = float("nan")
+            return eager, graph
 
-    def cpu(fn: Callable[[], object]) -> float:  # the smoke run: no compile step, no warmup
+        return cuda
+
+    def cpu(fn: Callable[[], object]) -> tuple[float, float]:  # the smoke run: no compile step, no warmup
         t0 = time.perf_counter()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms
 
     return cpu
+
+
+@contextlib.contextmanager
+def wide_decode_tiles() -> Iterator[None]:
+    """Launch as if the GPU had one SM: decode GEMMs keep BLOCK_N = 64 (the tile before narrowing)."""
+    from dsv3tools.kernels import launch
+
+    real = launch.sm_count
+    launch.sm_count = lambda device: 1
+    try:
+        yield
+    finally:
+        launch.sm_count = real
 
 
 def rel_err(got, want) -> float:
@@ -83,8 +111,9 @@ def make_weights(n: int, k: int, device: str, gen) -> dict:
     return {"w_bf16": w.to(torch.bfloat16), "q": q, "s": s, "packed": packed, "scale": scale, "group": group}
 
 
-def check_shape(wts: dict, m: int, gen) -> list[str]:
-    """Every kernel vs its twin at one shape and M; returns failure lines (empty = all good)."""
+def check_shape(wts: dict, m: int, gen) -> tuple[list[str], dict[str, float]]:
+    """Every kernel vs its twin at one shape and M; returns failure lines (empty = all good) and the GEMMs'
+    relative errors."""
     import torch
 
     from dsv3tools.kernels import fp8, int4
@@ -107,17 +136,19 @@ def check_shape(wts: dict, m: int, gen) -> list[str]:
         got = int4.int4_weight_dequant(wts["packed"], wts["scale"], shape)
         if not torch.equal(got, ref.int4_weight_dequant(wts["packed"], wts["scale"], shape)):
             bad.append(f"int4_weight_dequant [{n},{k}] differs from the twin")
-    err = rel_err(
-        fp8.fp8_gemm(y, ys, wts["q"], wts["s"], torch.float32),
+    err = rel_err(  # the same quantized inputs for both: the GEMM alone is compared
+        fp8.fp8_gemm(ry, rys, wts["q"], wts["s"], torch.float32),
         ref.fp8_gemm(ry, rys, wts["q"], wts["s"], torch.float32),
     )
+    errs = {"fp8_gemm": err}
     if not err <= FP8_GEMM_TOL:
         bad.append(f"fp8_gemm M={m} [{n},{k}] rel err {err:.2e} > {FP8_GEMM_TOL}")
     got = int4.int4_gemm(x, wts["packed"], wts["scale"], wts["group"], torch.float32)
     err = rel_err(got, ref.int4_gemm(x, wts["packed"], wts["scale"], wts["group"], torch.float32))
+    errs["int4_gemm"] = err
     if not err <= INT4_GEMM_TOL:
         bad.append(f"int4_gemm M={m} [{n},{k}] rel err {err:.2e} > {INT4_GEMM_TOL}")
-    return bad
+    return bad, errs
 
 
 def bf16_peak(device: str, bench) -> float:
@@ -127,14 +158,14 @@ def bf16_peak(device: str, bench) -> float:
     size = 8192 if device == "cuda" else 512
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    return 2 * size**3 / (bench(lambda: torch.matmul(a, b)) * 1e-3) / 1e12
+    return 2 * size**3 / (bench(lambda: torch.matmul(a, b))[0] * 1e-3) / 1e12
 
 
 def time_shape(wts: dict, m: int, bench, peak: float, gen) -> list[dict]:
     """Time bf16 matmul and each kernel at one shape and M; one row per kernel."""
     import torch
 
-    from dsv3tools.kernels import dispatch, fp8, int4
+    from dsv3tools.kernels import dispatch, fp8, int4, launch
 
     n, k = wts["q"].shape
     dev = wts["q"].device
@@ -165,6 +196,10 @@ def time_shape(wts: dict, m: int, bench, peak: float, gen) -> list[dict]:
             flops,
         ),
     ]
+    for is_fp8, (name, fn, nbytes, fl) in zip((True, False), cases[1:4:2], strict=True):
+        tiles = launch.gemm_tiles(m, n, False, sms=launch.sm_count(dev), fp8=is_fp8)
+        if tiles != launch.gemm_tiles(m, n, False):  # narrowed: also time the wide decode tile
+            cases.append((name + " BLOCK_N=64", lambda fn=fn: _wide(fn), nbytes, fl))
     if m == 1:
         cases.append(("weight_dequant", lambda: fp8.weight_dequant(wts["q"], wts["s"]), fp8_w + 2 * n * k, 0))
         shape = (n, k)
@@ -178,12 +213,13 @@ def time_shape(wts: dict, m: int, bench, peak: float, gen) -> list[dict]:
         )
     rows, base_ms = [], None
     for name, fn, nbytes, fl in cases:
-        ms = bench(fn)
+        eager_ms, ms = bench(fn)
+        ms = eager_ms if ms != ms else ms  # NaN: no graph timing
         base_ms = ms if base_ms is None else base_ms
         tflops = fl / (ms * 1e-3) / 1e12
         rows.append(
             {
-                "kernel": name, "N": n, "K": k, "M": m, "ms": ms, "tflops": tflops,
+                "kernel": name, "N": n, "K": k, "M": m, "ms": ms, "eager_ms": eager_ms, "tflops": tflops,
                 "gbps": nbytes / (ms * 1e-3) / 1e9, "frac_bf16_peak": tflops / peak if peak else 0.0,
                 "speedup_vs_bf16": base_ms / ms if fl else None,
             }
@@ -191,13 +227,22 @@ def time_shape(wts: dict, m: int, bench, peak: float, gen) -> list[dict]:
     return rows
 
 
+def _wide(fn: Callable[[], object]) -> object:
+    with wide_decode_tiles():
+        return fn()
+
+
 def print_rows(rows: list[dict]) -> None:
-    head = f"{'shape':>14} {'M':>5} {'kernel':<28} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'of peak':>8} {'vs bf16':>8}"
+    head = (
+        f"{'shape':>14} {'M':>5} {'kernel':<30} {'ms (GPU)':>9} {'eager ms':>9} {'TFLOP/s':>8} {'GB/s':>8} "
+        f"{'of peak':>8} {'vs bf16':>8}"
+    )
     print(head)
     for r in rows:
         sp = "" if r["speedup_vs_bf16"] is None else f"{r['speedup_vs_bf16']:.2f}x"
         print(
-            f"{r['N']:>6}x{r['K']:<7} {r['M']:>5} {r['kernel']:<28} {r['ms']:>9.4f} {r['tflops']:>8.1f} "
+            f"{r['N']:>6}x{r['K']:<7} {r['M']:>5} {r['kernel']:<30} {r['ms']:>9.4f} {r['eager_ms']:>9.4f} "
+            f"{r['tflops']:>8.1f} "
             f"{r['gbps']:>8.0f} {r['frac_bf16_peak']:>8.1%} {sp:>8}"
         )
 
@@ -213,11 +258,13 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(seed)
     bench = timer(device)
     peak = bf16_peak(device, bench)
-    failures, rows = [], []
+    failures, rows, worst = [], [], {}
     for name, (n, k) in shapes.items():
         wts = make_weights(n, k, device, gen)
         for m in ms:
-            failures += [f"{name}: {line}" for line in check_shape(wts, m, gen)]
+            bad, errs = check_shape(wts, m, gen)
+            failures += [f"{name}: {line}" for line in bad]
+            worst = {key: max(worst.get(key, 0.0), v) for key, v in errs.items()}
             rows += time_shape(wts, m, bench, peak, gen)
         del wts
     if args.json:
@@ -229,12 +276,14 @@ def run(args: argparse.Namespace) -> int:
                     "seed": seed,
                     "rows": rows,
                     "failures": failures,
+                    "max_rel_err_vs_twin": worst,
                 }
             )
         )
     else:
         print(f"device: {device_name(device)}   measured bf16 matmul peak: {peak:.1f} TFLOP/s   seed: {seed}")
         print_rows(rows)
+        print("max relative error vs the twin: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
         print(
             "checks: all kernels match their twins"
             if not failures
