@@ -26,6 +26,7 @@ from dsv3tools.converters.convert_math import BAND_ELEMENTS, SourceWeight, encod
 from dsv3tools.converters.tensor_io import Location, ShardReader, write_shard_streaming
 from dsv3tools.errors import DSV3Error
 from dsv3tools.layout import Weight, storage
+from dsv3tools.linear import TENSOR_SUFFIXES
 from dsv3tools.writer import (
     OutSpec,
     ShardPlan,
@@ -257,6 +258,15 @@ class ConvertProducer:
             self._scratch = torch.empty(need, dtype=torch.float32)
         return self._scratch
 
+    def prefetch(self, spec: OutSpec) -> None:
+        """Readahead of the source tensors of the linear that ``spec`` re-encodes (byte copies need none:
+        they are copied in the kernel)."""
+        conv = spec.key
+        if conv is None or (self._cache is not None and self._cache[0] == conv.prefix):
+            return
+        for suffix in TENSOR_SUFFIXES:
+            self.reader.prefetch(f"{conv.prefix}.{suffix}")
+
     def locate(self, spec: OutSpec) -> Location | None:
         """The source bytes of a byte-copied tensor (None for re-encoded ones)."""
         return self.reader.locate(spec.name) if spec.key is None else None
@@ -292,7 +302,7 @@ class ConvertProducer:
 # ---- writing ---------------------------------------------------------------------------------------
 def _streaming_writer(path: Path, shard: ShardPlan, produce: ConvertProducer, metadata: dict | None) -> int:
     """``writer.write_shard``'s bytes, streamed: byte copies file to file, encodes overlapped with I/O."""
-    return write_shard_streaming(path, shard, produce, produce.locate, metadata)
+    return write_shard_streaming(path, shard, produce, produce.locate, metadata, produce.prefetch)
 
 
 # ---- the command -----------------------------------------------------------------------------------

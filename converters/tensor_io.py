@@ -6,10 +6,10 @@ sequentially (``MADV_SEQUENTIAL``) and each tensor's pages are requested ahead a
 (``MADV_WILLNEED``), so a cold shard streams from disk with large reads instead of page-by-page faults.
 
 ``write_shard_streaming`` writes one output shard exactly as ``dsv3tools.writer.write_shard`` does (same
-header, temporary name, fsync, rename) but faster for conversions: byte-copied tensors go file to file
+bytes, same temporary name; the executor fsyncs and renames it) but faster for conversions: byte-copied tensors go file to file
 in the kernel (``copy_file_range``, as ``cp`` does), produced tensors are written with one ``pwrite``
 each from an I/O thread while the next tensor is computed, and writeback of every written range starts at
-once (``sync_file_range``), so the disk works during the computation instead of all at the final fsync."""
+once (``sync_file_range``), so the disk works during the computation instead of all at the fsync."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 
 from dsv3tools.checkpoint import TensorInfo
 from dsv3tools.errors import DSV3Error
-from dsv3tools.writer import ST_DTYPES, TORCH_DTYPES, OutSpec, ShardPlan, header_bytes, tensor_bytes
+from dsv3tools.writer import ST_DTYPES, TORCH_DTYPES, OutSpec, ShardPlan, header_bytes, tensor_bytes, tmp_path
 
 SYNC_FILE_RANGE_WRITE = 2
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -86,6 +86,15 @@ class ShardReader:
         _advise(mm, getattr(mmap, "MADV_WILLNEED", None), base + a, b - a)
         raw = torch.frombuffer(mm, dtype=torch.uint8, count=b - a, offset=base + a)
         return raw.view(dtype).view(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Start reading the pages of ``name`` from disk now (asynchronous readahead) so that a later
+        :meth:`get` finds them in the page cache; a hint only."""
+        info = self.infos.get(name)
+        if info is None or info.nbytes == 0:
+            return
+        mm, base = self._map(info.shard)
+        _advise(mm, getattr(mmap, "MADV_WILLNEED", None), base + info.offsets[0], info.nbytes)
 
     def locate(self, name: str) -> Location:
         """Where the bytes of ``name`` lie: (shard file, absolute offset, byte count)."""
@@ -145,20 +154,23 @@ def write_shard_streaming(
     produce: Callable[[OutSpec], torch.Tensor],
     locate: Callable[[OutSpec], Location | None],
     metadata: dict[str, str] | None = None,
+    prefetch: Callable[[OutSpec], None] | None = None,
 ) -> int:
-    """``writer.write_shard`` byte for byte; ``locate(spec)`` names a source range for byte copies.
+    """``writer.write_shard`` byte for byte; ``locate(spec)`` names a source range for byte copies;
+    ``prefetch(spec)`` is called for the next tensor before the current one is produced (readahead).
 
     One I/O thread writes tensor k while tensor k+1 is produced: at most one write is in flight, so a
     producer that alternates between two output buffers never overwrites bytes still being written.
     """
     head, offsets = header_bytes(plan.tensors, metadata)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp_path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with ThreadPoolExecutor(1) as io:
             pwrite_all(fd, memoryview(head), 0)
             pending = None
-            for spec, off in zip(plan.tensors, offsets, strict=True):
+            for i, (spec, off) in enumerate(zip(plan.tensors, offsets, strict=True)):
+                if prefetch is not None and i + 1 < len(plan.tensors):
+                    prefetch(plan.tensors[i + 1])
                 src, data = locate(spec), None
                 if src is None or src[2] != spec.nbytes:
                     src, t = None, produce(spec)
@@ -174,8 +186,6 @@ def write_shard_streaming(
                 pending.result()
         total = len(head) + plan.nbytes
         os.ftruncate(fd, total)
-        os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
     return total

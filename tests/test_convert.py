@@ -364,7 +364,8 @@ def test_sigkill_halfway_then_resume_is_byte_identical(tmp_path: Path) -> None:
     assert run_cli(*args, "--out", clean).returncode == 0
     expect = final_files(clean)
     out = tmp_path / "killed"
-    env = dict(os.environ, DSV3TOOLS_NO_PROGRESS="1")
+    # 0: every finished shard becomes final at once (the default batches them every 30 s)
+    env = dict(os.environ, DSV3TOOLS_NO_PROGRESS="1", DSV3TOOLS_SYNC_INTERVAL="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "dsv3tools", *map(str, args), "--out", str(out)],
         cwd=ROOT,

@@ -278,3 +278,31 @@ def test_usage_errors_exit_2_without_traceback(argv: list[str], said: str) -> No
     r = run_cli(*argv)
     assert r.returncode == 2 and said in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr
+
+
+def test_batched_finish_keeps_written_shards_when_a_later_one_fails(tmp_path: Path) -> None:
+    """Shards become final in batches; a failure mid-run still finalizes (durable, renamed, recorded) the
+    shards written before it, never leaves one partial under its final name, and a re-run skips them."""
+    from dsv3tools.writer import OutSpec, WriteJob, execute, plan_shards
+
+    specs = [OutSpec(f"t{i}", "F32", (64,), key=i) for i in range(6)]
+    shards = plan_shards(specs, max_shard_bytes=2 * 256)  # 3 shards of 2 tensors
+    fail = {"at": 4}
+
+    def produce(spec: OutSpec) -> torch.Tensor:
+        if spec.key == fail["at"]:
+            raise RuntimeError("producer failed")
+        return torch.full((64,), float(spec.key))
+
+    job = WriteJob(tmp_path / "out", shards, produce, None, "test")
+    with pytest.raises(RuntimeError, match="producer failed"):
+        execute(job)
+    finals = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
+    assert finals == [shards[0].filename, shards[1].filename]
+    assert [job.is_done(s) for s in shards] == [True, True, False]
+    with safe_open(tmp_path / "out" / shards[1].filename, "pt") as f:
+        assert torch.equal(f.get_tensor("t3"), torch.full((64,), 3.0))
+    fail["at"] = None
+    r = execute(job)
+    assert r["skipped"] == finals and r["written"] == [shards[2].filename] and r["complete"]
+    assert not list((tmp_path / "out").glob(".*.tmp"))
