@@ -34,11 +34,10 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from dsv3tools.download_select import parse_include, select
+from dsv3tools.download_select import DEFAULT_REPO, parse_include, select
 from dsv3tools.errors import DSV3Error
 from dsv3tools.fsutil import atomic_write_json, free_bytes
 
-DEFAULT_REPO = "deepseek-ai/DeepSeek-V3"
 STATE = ".dsv3tools/download.json"
 _HASH_CHUNK = 8 * 1024 * 1024
 

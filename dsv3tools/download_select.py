@@ -10,6 +10,8 @@ from typing import Protocol
 from dsv3tools.errors import DSV3Error
 from dsv3tools.layout import layer_of
 
+DEFAULT_REPO = "deepseek-ai/DeepSeek-V3"
+
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx")
 _LAYERS_RE = re.compile(r"^layers:(\d+)(?:-(\d+))?$")

@@ -1,15 +1,20 @@
 """The ``dsv3tools download`` command: argument parsing, the byte progress bar and the report.
-The work itself (plan, free-disk check, parallel fetch, verification) is ``dsv3tools.download``."""
+The work itself (plan, free-disk check, parallel fetch, verification) is ``dsv3tools.download``, imported
+when the command runs (huggingface_hub and its HTTP stack take ~0.45 s to import; other commands skip it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from dsv3tools import download as dl
 from dsv3tools.cli_util import DEFAULT_MODEL, emit, human_bytes, json_option, progress_bar, show_progress
+from dsv3tools.download_select import DEFAULT_REPO
 from dsv3tools.errors import DSV3Error
+
+if TYPE_CHECKING:
+    from dsv3tools import download as dl
 
 _gb = human_bytes
 
@@ -30,8 +35,10 @@ def _verify_plan(
     repo: str | None, revision: str | None, local_dir: Path, include: list[str] | None
 ) -> dl.Plan:
     """Verify what an earlier download recorded (its repo, commit and files) unless told otherwise."""
+    from dsv3tools import download as dl
+
     state = dl.read_state(local_dir)
-    repo = repo or state.get("repo") or dl.DEFAULT_REPO
+    repo = repo or state.get("repo") or DEFAULT_REPO
     revision = revision or state.get("commit") or "main"
     p = dl.plan(repo, revision, local_dir, include, offline_ok=True)
     recorded = set(state.get("files", {}))
@@ -52,6 +59,8 @@ def run_download(
     json_mode: bool,
 ) -> dict:
     """The command body; returns the JSON report (raises DSV3Error on bad input or failed files)."""
+    from dsv3tools import download as dl
+
     bar_on = show_progress(json_mode)
     if verify_only:
         p = _verify_plan(repo, revision, local_dir, include)
@@ -62,7 +71,7 @@ def run_download(
         with progress_bar(p.total_bytes, "verify", bar_on) as advance:
             result = dl.verify(p, max_workers=max_workers, progress=dl.Progress(advance=advance))
         return _finish(result, json_mode, "verify")
-    p = dl.plan(repo or dl.DEFAULT_REPO, revision or "main", local_dir, include)
+    p = dl.plan(repo or DEFAULT_REPO, revision or "main", local_dir, include)
     _say(json_mode, _plan_line(p))
     if dry_run:
         report = p.to_dict() | {"mode": "dry-run"}
@@ -76,6 +85,8 @@ def run_download(
 
 
 def _finish(result: dl.Result, json_mode: bool, mode: str) -> dict:
+    from dsv3tools import download as dl
+
     report = result.to_dict() | {"mode": mode, "state_file": str(result.plan.local_dir / dl.STATE)}
     if json_mode:
         emit(report, json_mode)
@@ -102,7 +113,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("download")
     def download(
-        repo: str = typer.Option(None, "--repo", help=f"hub repo id (default {dl.DEFAULT_REPO})"),
+        repo: str = typer.Option(None, "--repo", help=f"hub repo id (default {DEFAULT_REPO})"),
         revision: str = typer.Option(None, "--revision", help="branch, tag or commit sha (default main)"),
         local_dir: Path = typer.Option(
             DEFAULT_MODEL, "--local-dir", envvar="DSV3TOOLS_MODEL", help="target folder (env DSV3TOOLS_MODEL)"
