@@ -6,10 +6,11 @@ sequentially (``MADV_SEQUENTIAL``) and each tensor's pages are requested ahead a
 (``MADV_WILLNEED``), so a cold shard streams from disk with large reads instead of page-by-page faults.
 
 ``write_shard_streaming`` writes one output shard exactly as ``dsv3tools.writer.write_shard`` does (same
-bytes, same temporary name; the executor fsyncs and renames it) but faster for conversions: byte-copied tensors go file to file
-in the kernel (``copy_file_range``, as ``cp`` does), produced tensors are written with one ``pwrite``
-each from an I/O thread while the next tensor is computed, and writeback of every written range starts at
-once (``sync_file_range``), so the disk works during the computation instead of all at the fsync."""
+bytes, same temporary name; the executor makes it durable and renames it) but faster for conversions:
+byte-copied tensors go file to file in the kernel (``copy_file_range``, as ``cp`` does), produced tensors
+are written with one ``pwrite`` each from an I/O thread while the next tensor is computed (its source read
+ahead), and writeback of every written range starts at once (``sync_file_range``), so the disk works
+during the computation instead of all at the final flush."""
 
 from __future__ import annotations
 
