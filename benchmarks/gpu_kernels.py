@@ -34,6 +34,7 @@ SHAPES = {  # name: (N = out_features, K = in_features)
 SMOKE_SHAPES = {"kv_a_ragged": (576, 256), "ragged_k": (130, 200)}
 FP8_GEMM_TOL = 5e-3  # max |kernel - twin| / max |twin|; Hopper fp8 MMA accumulates 128-wide steps coarsely
 INT4_GEMM_TOL = 1e-3
+INT4_BF16_TOL = 8e-3  # bf16 out; at M >= 128 the weight is rounded to bf16 too (q * s, as Marlin does)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -148,6 +149,13 @@ def check_shape(wts: dict, m: int, gen) -> tuple[list[str], dict[str, float]]:
     errs["int4_gemm"] = err
     if not err <= INT4_GEMM_TOL:
         bad.append(f"int4_gemm M={m} [{n},{k}] rel err {err:.2e} > {INT4_GEMM_TOL}")
+    got = int4.int4_gemm(
+        x, wts["packed"], wts["scale"], wts["group"]
+    )  # bf16 out (dequant + matmul at M >= 128)
+    err = rel_err(got, ref.int4_gemm(x, wts["packed"], wts["scale"], wts["group"]))
+    errs["int4_gemm bf16 out"] = err
+    if not err <= INT4_BF16_TOL:
+        bad.append(f"int4_gemm bf16 out M={m} [{n},{k}] rel err {err:.2e} > {INT4_BF16_TOL}")
     return bad, errs
 
 
@@ -196,6 +204,9 @@ def time_shape(wts: dict, m: int, bench, peak: float, gen) -> list[dict]:
             flops,
         ),
     ]
+    if m >= int4.DEQUANT_MATMUL_MIN_M:  # the fused kernel too, for comparison with dequant + matmul
+        _, _, nbytes, fl = cases[3]
+        cases.append(("int4_gemm fused", lambda: _fused(cases[3][1]), nbytes, fl))
     for is_fp8, (name, fn, nbytes, fl) in zip((True, False), cases[1:4:2], strict=True):
         tiles = launch.gemm_tiles(m, n, False, sms=launch.sm_count(dev), fp8=is_fp8)
         if tiles != launch.gemm_tiles(m, n, False):  # narrowed: also time the wide decode tile
@@ -225,6 +236,17 @@ def time_shape(wts: dict, m: int, bench, peak: float, gen) -> list[dict]:
             }
         )  # fmt: skip
     return rows
+
+
+def _fused(fn: Callable[[], object]) -> object:
+    """``fn`` with int4_gemm's dequant + matmul route switched off (the fused W4A16 kernel at any M)."""
+    from dsv3tools.kernels import int4
+
+    real, int4.DEQUANT_MATMUL_MIN_M = int4.DEQUANT_MATMUL_MIN_M, 1 << 62
+    try:
+        return fn()
+    finally:
+        int4.DEQUANT_MATMUL_MIN_M = real
 
 
 def _wide(fn: Callable[[], object]) -> object:

@@ -159,6 +159,10 @@ def int4_gemm_kernel(
     )
 
 
+DEQUANT_MATMUL_MIN_M = 128
+"""Rows from which ``int4_gemm`` dequantizes the weight and calls ``torch.matmul`` (bf16/fp16 only)."""
+
+
 def _k_tile(group: int) -> int:
     """Largest power of two <= 128 dividing the group size (0 if below tl.dot's minimum of 16)."""
     tile = 128
@@ -177,7 +181,12 @@ def int4_gemm(
     """W4A16 GEMM ``x [M, K] (bf16/fp16/fp32) @ (q * scale).T -> [M, N]`` in ``out_dtype`` (default x's).
 
     fp32 activations use IEEE fp32 dots (no TF32), so the result matches the float32 twin.
-    Group sizes that are not a multiple of 16 fall back to Triton dequant + torch.matmul.
+    Group sizes that are not a multiple of 16 fall back to Triton dequant + torch.matmul. From
+    ``DEQUANT_MATMUL_MIN_M`` rows on (prefill), with bf16/fp16 in and out, the weight is dequantized once
+    (``int4_weight_dequant``, 3-5 TB/s on an H200) and multiplied by ``torch.matmul``: the fused kernel
+    reaches ~30 % of the bf16 matmul rate there, this route 77-85 % (benchmarks/RESULTS.md). It rounds
+    ``q * scale`` to the activation dtype (as Marlin's in-register dequant does); the fused kernel applies
+    the scale in fp32 after the dot.
     """
     n, k, group = launch.check_int4(packed, scale, None, group_size)
     launch.check_int4_x(x, k, packed)
@@ -192,6 +201,8 @@ def int4_gemm(
     if block_k == 0:
         w = int4_weight_dequant(packed, scale, (n, k), torch.float32)
         return (x.float() @ w.T).to(out_dtype)
+    if m >= DEQUANT_MATMUL_MIN_M and x.dtype != torch.float32 and out_dtype == x.dtype:
+        return torch.matmul(x, int4_weight_dequant(packed, scale, (n, k), x.dtype).T)
     c = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return c

@@ -309,6 +309,11 @@ def kernel_group_int4(seed: int) -> None:
         check(torch.equal(got.double(), w64), seed, f"int4 dequant {n}x{k} vs float64")
         x = rand(gen, 3, k, dtype=torch.bfloat16)
         check(int4.int4_gemm(x, packed, scale, group).dtype == torch.bfloat16, seed, "int4_gemm output dtype")
+        x = rand(gen, int4.DEQUANT_MATMUL_MIN_M, k, dtype=torch.bfloat16)  # prefill: dequant + matmul
+        got = int4.int4_gemm(x, packed, scale, group).double()
+        want = ref.int4_gemm(x, packed, scale, group).double()  # bf16 out: bf16 roundings apart
+        bound = 2.0**-7 * (x.double().abs() @ w64.abs().T)
+        check(bool(((got - want).abs() <= bound).all()), seed, f"int4_gemm M=128 {n}x{k}")
         for m in (1, 33):
             for dt in (torch.bfloat16, torch.float32):
                 x = rand(gen, m, k, dtype=dt)
