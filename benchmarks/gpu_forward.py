@@ -2,10 +2,11 @@
 
 1. Parity, float32 logits (full sequence, cached decoding, MTP) on CUDA against the PyTorch twins on CPU
    (the same scheme: FP8 activation quantization + block-scaled GEMM, int4 W4A16). Random tiny fp8 / bf16 /
-   int4 (synthesized here): the twins on CUDA, int4 through Triton and the exact dequantizing path must
-   agree to summation order, fp8 and its bf16 conversion must be identical; the Triton fp8 path is
-   reported (on a random model one fp8 rounding flip moves the logits a lot). ``--trained DIR`` (the
-   demo's trained tiny): the Triton fp8 path by KL and top-1 on held-out corpus text.
+   int4 (synthesized here): int4 (Triton and twins) and the exact dequantizing path must agree to
+   summation order, fp8 and its bf16 conversion must be identical; the fp8 paths with activation
+   quantization (Triton and twins) are reported only (on a random model one e4m3 rounding flip moves the
+   logits a lot). ``--trained DIR`` (the demo's trained tiny): those fp8 paths by KL and top-1 on
+   held-out corpus text.
 2. Speed: the ``small`` preset (fp8 and int4), bf16 compute on CUDA: prefill tokens/s (batch x prompt) and
    decode tokens/s (batch 1, KV cache) for the Triton fp8 / int4 kernels, the per-use dequant path, and
    the materialized bf16 weights (``torch.matmul``, the baseline).
