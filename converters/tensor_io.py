@@ -15,8 +15,6 @@ during the computation instead of all at the final flush."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import mmap
 import os
 import struct
@@ -29,13 +27,9 @@ import torch
 
 from dsv3tools.checkpoint import TensorInfo
 from dsv3tools.errors import DSV3Error
+from dsv3tools.fsutil import start_writeback
 from dsv3tools.writer import ST_DTYPES, TORCH_DTYPES, OutSpec, ShardPlan, header_bytes, tensor_bytes, tmp_path
 
-SYNC_FILE_RANGE_WRITE = 2
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None)
-if _SYNC_FILE_RANGE is not None:
-    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 Location = tuple[Path, int, int]  # source file, byte offset, byte count
 
 
@@ -107,12 +101,6 @@ class ShardReader:
 
     def close(self) -> None:
         self._maps.clear()
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing ``[offset, offset + length)`` of ``fd`` to disk now (not waiting)."""
-    if _SYNC_FILE_RANGE is not None and length > 0:
-        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:

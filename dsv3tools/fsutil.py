@@ -1,4 +1,5 @@
-"""Small filesystem helpers without heavy imports: atomic writes (temp name, fsync, rename) and free space."""
+"""Small filesystem helpers without heavy imports: atomic writes (temp name, fsync, rename), flushing (syncfs,
+early writeback through libc) and free space."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ from pathlib import Path
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _SYNCFS = getattr(_LIBC, "syncfs", None)
+_SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None)
+if _SYNC_FILE_RANGE is not None:
+    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + length)`` of ``fd`` to disk now (not waiting)."""
+    if _SYNC_FILE_RANGE is not None and length > 0:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_dir(path: Path) -> None:
