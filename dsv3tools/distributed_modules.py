@@ -27,7 +27,7 @@ from dsv3tools.config import ModelConfig
 from dsv3tools.converters.placement import derive
 from dsv3tools.linear import Linear, linear
 from dsv3tools.model import Embedding
-from dsv3tools.model_moe import MLP, MoE
+from dsv3tools.model_moe import MLP, MoE, grouped
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -110,24 +110,7 @@ class ExpertParallelMoE(MoE):
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The (token, expert) pairs whose chosen replica lives on this rank; the rest contribute zero."""
-        slot = self.choose_slots(idx).flatten()
+        slot = self.choose_slots(idx)
         self.calls += 1
-        k = idx.shape[1]
-        mine = torch.nonzero((slot >= self.lo) & (slot < self.hi)).flatten()
-        out = torch.zeros_like(x)
-        if mine.numel() == 0:
-            return out
-        order = mine[torch.argsort(slot[mine], stable=True)]
-        token = order // k
-        w = weights.flatten().index_select(0, order)
-        counts = torch.bincount(slot[order] - self.lo, minlength=self.hi - self.lo).tolist()
-        start = 0
-        for local, cnt in enumerate(counts):
-            if cnt == 0:
-                continue
-            stop = start + cnt
-            rows = token[start:stop]
-            y = self.slots[str(self.lo + local)](x.index_select(0, rows)) * w[start:stop, None].to(x.dtype)
-            out = out.index_add(0, rows, y)
-            start = stop
-        return out
+        local = torch.where((slot >= self.lo) & (slot < self.hi), slot - self.lo, -1)
+        return grouped(x, local, weights, self.hi - self.lo, lambda j, xs: self.slots[str(self.lo + j)](xs))

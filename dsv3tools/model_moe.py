@@ -12,6 +12,8 @@ runs on the stacked tensors (one fused matmul per active expert, no per-token bo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,39 @@ from dsv3tools.config import ModelConfig
 from dsv3tools.linear import Linear
 
 GROUP_SCORE_TOP = 2  # noaux_tc: a group's score is the sum of its 2 best biased scores
+
+
+def grouped(
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    weights: torch.Tensor,
+    n_groups: int,
+    apply: Callable[[int, torch.Tensor], torch.Tensor | None],
+) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * apply(keys[t, j], x[t])`` over the pairs with ``keys >= 0``, one
+    ``apply`` call per key on all its tokens at once: pairs sorted by key (stable), rows gathered with
+    ``index_select``, results scattered back with ``index_add``. ``apply`` returning None adds nothing."""
+    k = keys.shape[1]
+    flat = keys.flatten()
+    sel = torch.nonzero(flat >= 0).flatten()
+    out = torch.zeros_like(x)
+    if sel.numel() == 0:
+        return out
+    order = sel[torch.argsort(flat[sel], stable=True)]
+    token = order // k
+    w = weights.flatten().index_select(0, order).to(x.dtype).unsqueeze(1)
+    counts = torch.bincount(flat[order], minlength=n_groups).tolist()
+    start = 0
+    for g, cnt in enumerate(counts):
+        if cnt == 0:
+            continue
+        stop = start + cnt
+        rows = token[start:stop]
+        y = apply(g, x.index_select(0, rows))
+        if y is not None:
+            out.index_add_(0, rows, y * w[start:stop])
+        start = stop
+    return out
 
 
 class MLP(nn.Module):
@@ -136,25 +171,12 @@ class MoE(nn.Module):
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if self.stacked is not None and x.shape[0] == 1:
             return self._routed_one(x, weights, idx)
-        k = idx.shape[1]
-        flat = idx.flatten()
-        order = torch.argsort(flat, stable=True)
-        token = order // k
-        w_sorted = weights.flatten().index_select(0, order)
-        counts = torch.bincount(flat, minlength=self.gate.n_experts).tolist()
-        out = torch.zeros_like(x)
-        w_sorted = w_sorted.to(x.dtype).unsqueeze(1)
         local = dict(self.experts.items())  # a rank may hold a subset of the experts
-        start = 0
-        for e, cnt in enumerate(counts):
-            if cnt == 0:
-                continue
-            stop = start + cnt
-            rows = token[start:stop]
+
+        def expert(e: int, xs: torch.Tensor) -> torch.Tensor | None:
             if self.stacked is not None and self.slot[e] >= 0:
-                y = self._stacked_expert(self.slot[e], x.index_select(0, rows))
-                out.index_add_(0, rows, y * w_sorted[start:stop])
-            elif (expert := local.get(str(e))) is not None:
-                out.index_add_(0, rows, expert(x.index_select(0, rows)) * w_sorted[start:stop])
-            start = stop
-        return out
+                return self._stacked_expert(self.slot[e], xs)
+            mlp = local.get(str(e))
+            return None if mlp is None else mlp(xs)
+
+        return grouped(x, idx, weights, self.gate.n_experts, expert)
