@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dsv3tools.checkpoint import Checkpoint
-from dsv3tools.quant import fp8_block_dequant
+from dsv3tools.converters.convert import ConvertOptions, convert
 from dsv3tools.synth import synthesize
 
 MEM_SCRIPT = """
@@ -92,56 +92,12 @@ print(json.dumps({"base": base, "after_load": loaded, "peak": peak, "cache_bytes
 """
 
 
-def bf16_copy(src: Path, dst: Path) -> Path:
-    """The bf16 conversion of an fp8 checkpoint (bf16(float32(q) * s)), written with the foundation writer."""
-    from safetensors.torch import save_file
-
-    ck = Checkpoint(src)
-    out = {}
-    for n in ck.weight_map:
-        if n.endswith("_scale_inv"):
-            continue
-        t = ck.get(n)
-        out[n] = (
-            fp8_block_dequant(t, ck.get(f"{n}_scale_inv"), (128, 128))
-            if t.dtype == torch.float8_e4m3fn
-            else t
-        )
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, str(dst / "model.safetensors"))
-    (dst / "config.json").write_text(json.dumps(ck.config.to_dict(quantization_config=None)))
-    return dst
-
-
 def hf_model(path: Path, dtype: torch.dtype):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    """transformers' DeepseekV3ForCausalLM through its own loader (YaRN and the fused experts are its own
+    doing; the MTP layer is left unloaded) in ``dtype``."""
+    from transformers import DeepseekV3ForCausalLM
 
-    ck = Checkpoint(path)
-    d = dict(ck.config.raw)
-    d.pop("quantization_config", None)
-    rs = {k: v for k, v in d.pop("rope_scaling").items() if k != "type"}
-    d["rope_parameters"] = dict(rs, rope_type="yarn", rope_theta=d["rope_theta"])
-    cfg = DeepseekV3Config(**d, rope_interleave=True)
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(cfg)
-    sd = {
-        n: ck.get(n).to(dtype)
-        for n in ck.weight_map
-        if not n.startswith(f"model.layers.{ck.config.num_hidden_layers}.")
-    }
-    for layer in ck.config.moe_layers:
-        if layer < ck.config.num_hidden_layers:
-            p, es = f"model.layers.{layer}.mlp.experts", range(ck.config.n_routed_experts)
-            sd[f"{p}.gate_up_proj"] = torch.stack(
-                [
-                    torch.cat([sd.pop(f"{p}.{e}.gate_proj.weight"), sd.pop(f"{p}.{e}.up_proj.weight")])
-                    for e in es
-                ]
-            )
-            sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.down_proj.weight") for e in es])
-    model.load_state_dict(sd, strict=False, assign=True)
-    model.model.rotary_emb.__init__(cfg)  # buffers were on meta
-    return model.to(dtype).eval()
+    return DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def _timed(fn, setup=None) -> float:
@@ -285,7 +241,7 @@ def main() -> None:
         synthesize(fp8, preset="small")
     bf16 = work / "small-bf16"
     if not (bf16 / "config.json").is_file():
-        bf16_copy(fp8, bf16)
+        convert(fp8, bf16, ConvertOptions(to="bf16"))
     result = {
         "dtype": a.dtype,
         "threads": torch.get_num_threads(),

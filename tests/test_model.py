@@ -103,37 +103,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- transformers reference --------------------------------------------------------------------------
 def hf_model(path: Path):
-    """transformers' DeepseekV3ForCausalLM with our bf16 weights, float32, eager attention."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    """transformers' DeepseekV3ForCausalLM through its own loader (it reads YaRN and fuses the experts
+    itself; the MTP layer it has no module for is left unloaded), float32, eager attention."""
+    from transformers import DeepseekV3ForCausalLM
 
-    ck = Checkpoint(path)
-    d = dict(ck.config.raw)
-    d.pop("quantization_config", None)
-    rs = {k: v for k, v in d.pop("rope_scaling").items() if k != "type"}
-    # transformers 5 names it rope_parameters (rope_type + rope_theta inside); DeepSeek's RoPE is interleaved
-    d["rope_parameters"] = dict(rs, rope_type="yarn", rope_theta=d["rope_theta"])
-    cfg = DeepseekV3Config(**d, rope_interleave=True)
-    cfg._attn_implementation = "eager"
-    model = DeepseekV3ForCausalLM(cfg).float().eval()
-    sd = {
-        n: ck.get(n).float()
-        for n in ck.weight_map
-        if not n.startswith(f"model.layers.{ck.config.num_hidden_layers}.")
-    }
-    for layer in ck.config.moe_layers:  # transformers 5 fuses experts into 3D tensors
-        if layer >= ck.config.num_hidden_layers:
-            continue
-        p, experts = f"model.layers.{layer}.mlp.experts", range(ck.config.n_routed_experts)
-        sd[f"{p}.gate_up_proj"] = torch.stack(
-            [
-                torch.cat([sd.pop(f"{p}.{e}.gate_proj.weight"), sd.pop(f"{p}.{e}.up_proj.weight")])
-                for e in experts
-            ]
-        )
-        sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.down_proj.weight") for e in experts])
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not missing and not unexpected
-    return model
+    return DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.fixture(scope="module")
