@@ -405,48 +405,65 @@ def load_expert_loads(
     ids = [int(i) for i in moe_layer_ids]
     e = int(num_experts)
     nh = int(num_hidden_layers) if num_hidden_layers is not None else (max(ids) + 1 if ids else 0)
-    main = [i for i in ids if i < nh]
     out = uniform_loads(ids, e)
     data = _read_any(p)
     if isinstance(data, dict) and "layers" in data:
-        layers = data["layers"]
-        if not isinstance(layers, dict):
-            raise DSV3Error(f'{p}: "layers" must map layer ids to lists of {e} token counts')
-        matched = 0
-        for key, row in layers.items():
-            try:
-                lid = int(key)
-            except (TypeError, ValueError):
-                raise DSV3Error(f"{p}: layer key {key!r} is not a layer id") from None
-            arr = _to_array(p, row, f"layer {lid}")
-            if arr.shape != (e,):
-                raise DSV3Error(
-                    f"{p}: layer {lid} has shape {list(arr.shape)}; expected [{e}] (one count per expert)"
-                )
-            if lid in out:
-                out[lid] = arr
-                matched += 1
-        if layers and not matched:
-            raise DSV3Error(
-                f"{p}: none of its layers {sorted(layers, key=str)[:6]} is a MoE layer of this model ({ids[:3]}...)"
-            )
-        return out
-    if isinstance(data, dict) and "logical_count" in data:
-        arr = _to_array(p, data["logical_count"], "logical_count")
-        if arr.ndim == 3:
-            arr = arr.sum(axis=0)
-        if arr.ndim != 2 or arr.shape[1] != e or arr.shape[0] < nh:
-            raise DSV3Error(
-                f"{p}: SGLang logical_count has shape {list(np.shape(data['logical_count']))}; "
-                f"expected [steps, {nh}, {e}] or [{nh}, {e}]"
-            )
-        for lid in main:
-            out[lid] = arr[lid]
-        return out
-    if isinstance(data, dict):
+        _fill_from_layers(p, data["layers"], out, e)
+    elif isinstance(data, dict) and "logical_count" in data:
+        _fill_from_sglang(p, data["logical_count"], out, e, nh)
+    elif isinstance(data, dict):
         raise DSV3Error(
             f'{p}: unknown expert-load JSON/dict (keys {list(data)[:5]}); expected "layers" or "logical_count"'
         )
+    else:
+        _fill_from_table(p, data, out, e, nh)
+    return out
+
+
+def _fill_from_layers(p: Path, layers: Any, out: dict[int, np.ndarray], e: int) -> None:
+    """Our ``{"layers": {"<layer id>": [...]}}`` form: rows keyed by layer id."""
+    if not isinstance(layers, dict):
+        raise DSV3Error(f'{p}: "layers" must map layer ids to lists of {e} token counts')
+    matched = 0
+    for key, row in layers.items():
+        try:
+            lid = int(key)
+        except (TypeError, ValueError):
+            raise DSV3Error(f"{p}: layer key {key!r} is not a layer id") from None
+        arr = _to_array(p, row, f"layer {lid}")
+        if arr.shape != (e,):
+            raise DSV3Error(
+                f"{p}: layer {lid} has shape {list(arr.shape)}; expected [{e}] (one count per expert)"
+            )
+        if lid in out:
+            out[lid] = arr
+            matched += 1
+    if layers and not matched:
+        raise DSV3Error(
+            f"{p}: none of its layers {sorted(layers, key=str)[:6]} is a MoE layer of this model "
+            f"({sorted(out)[:3]}...)"
+        )
+
+
+def _fill_from_sglang(p: Path, counts: Any, out: dict[int, np.ndarray], e: int, nh: int) -> None:
+    """An SGLang dump's ``logical_count`` ([steps, layers, E] or [layers, E]), summed over steps."""
+    arr = _to_array(p, counts, "logical_count")
+    if arr.ndim == 3:
+        arr = arr.sum(axis=0)
+    if arr.ndim != 2 or arr.shape[1] != e or arr.shape[0] < nh:
+        raise DSV3Error(
+            f"{p}: SGLang logical_count has shape {list(np.shape(counts))}; "
+            f"expected [steps, {nh}, {e}] or [{nh}, {e}]"
+        )
+    for lid in out:
+        if lid < nh:
+            out[lid] = arr[lid]
+
+
+def _fill_from_table(p: Path, data: Any, out: dict[int, np.ndarray], e: int, nh: int) -> None:
+    """A bare table: rows = MoE layers in order (with or without MTP) or rows = layer ids."""
+    ids = list(out)
+    main = [i for i in ids if i < nh]
     arr = _to_array(p, data, "expert-load table")
     accepted = {
         len(main): main,
@@ -460,11 +477,9 @@ def load_expert_loads(
             f"{p}: expert-load table has shape {list(arr.shape)}; accepted: {shapes} "
             f"(rows = MoE layers in order, or rows = layer ids) or an SGLang dump with logical_count"
         )
-    rows = accepted[arr.shape[0]]
-    for r, lid in enumerate(rows):
+    for r, lid in enumerate(accepted[arr.shape[0]]):
         if lid in out:
             out[lid] = arr[r]
-    return out
 
 
 def sglang_expert_location(placement: dict[str, Any], num_hidden_layers: int | None = None) -> dict[str, Any]:

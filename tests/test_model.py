@@ -229,6 +229,73 @@ def test_int4_matches_float64_forward(tiny_bf16: Path, tmp_path: Path) -> None:
         assert rel_err(model(ids), ref) < 1e-3
 
 
+def _ref_rope(c, t: int) -> torch.Tensor:
+    """YaRN-scaled rotations e^(i*pos*freq) as complex float64 [t, rope_dim / 2] (DeepSeek's clamped ramp)."""
+    rs, d = c.rope_scaling_dict, c.qk_rope_head_dim
+    base = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    cd = [
+        d
+        * math.log(rs["original_max_position_embeddings"] / (r * 2 * math.pi))
+        / (2 * math.log(c.rope_theta))
+        for r in (rs["beta_fast"], rs["beta_slow"])
+    ]
+    low, high = max(math.floor(cd[0]), 0), min(math.ceil(cd[1]), d - 1)  # clamped as in DeepSeek's reference
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    freqs = base * (1 - ramp) + base / rs["factor"] * ramp
+    return torch.polar(
+        torch.ones(t, d // 2, dtype=torch.float64), torch.outer(torch.arange(t, dtype=torch.float64), freqs)
+    )
+
+
+def _ref_attention(c, w, norm, h_in: torch.Tensor) -> torch.Tensor:
+    """Naive MLA (causal, no cache) in float64, before o_proj: [b, t, heads * v_head_dim]."""
+    b, t, _ = h_in.shape
+    rot = _ref_rope(c, t)
+
+    def rope(v):
+        return torch.view_as_real(
+            torch.view_as_complex(v.reshape(*v.shape[:-1], -1, 2)) * rot.view(1, t, 1, -1)
+        ).flatten(-2)
+
+    nh, nope, r = c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
+    q = (
+        norm(h_in @ w("self_attn.q_a_proj.weight").T, "self_attn.q_a_layernorm.weight")
+        @ w("self_attn.q_b_proj.weight").T
+    )
+    q = q.view(b, t, nh, -1)
+    q = torch.cat([q[..., :nope], rope(q[..., nope:])], -1)
+    kv = h_in @ w("self_attn.kv_a_proj_with_mqa.weight").T
+    k_pe = rope(kv[..., r:].unsqueeze(2))
+    kvb = (norm(kv[..., :r], "self_attn.kv_a_layernorm.weight") @ w("self_attn.kv_b_proj.weight").T).view(
+        b, t, nh, -1
+    )
+    k = torch.cat([kvb[..., :nope], k_pe.expand(-1, -1, nh, -1)], -1)
+    scores = torch.einsum("bshd,bthd->bhst", q, k) * c.softmax_scale
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    return torch.einsum("bhst,bthd->bshd", scores, kvb[..., nope:]).reshape(b, t, -1)
+
+
+def _ref_moe(c, w, mlp, y: torch.Tensor) -> torch.Tensor:
+    """noaux_tc routing (sigmoid, group-limited top-k) and the experts, token by token, in float64."""
+    s = torch.sigmoid(y @ w("mlp.gate.weight").T)
+    sb = (s + w("mlp.gate.e_score_correction_bias")).view(len(y), c.n_group, -1)
+    groups = sb.topk(2, -1).values.sum(-1).topk(c.topk_group, -1).indices
+    gm = torch.zeros(len(y), c.n_group, dtype=torch.bool).scatter(1, groups, True)
+    top = (
+        sb.masked_fill(~gm.unsqueeze(-1), float("-inf"))
+        .view(len(y), -1)
+        .topk(c.num_experts_per_tok, -1)
+        .indices
+    )
+    gw = s.gather(1, top)
+    gw = gw / gw.sum(-1, keepdim=True) * c.routed_scaling_factor
+    moe = mlp(y, "mlp.shared_experts")
+    for i in range(len(y)):  # a deliberately simple per-token loop
+        for j, e in enumerate(top[i].tolist()):
+            moe[i] += gw[i, j] * mlp(y[i : i + 1], f"mlp.experts.{e}")[0]
+    return moe
+
+
 def _ref_mtp(ck: Checkpoint, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
     """SPEC sec. 4 MTP depth 1 in float64 with plain torch ops (naive MLA, complex-number RoPE, noaux_tc)."""
     c = ck.config
@@ -250,65 +317,9 @@ def _ref_mtp(ck: Checkpoint, hidden: torch.Tensor, next_ids: torch.Tensor) -> to
     )
     x = x @ w("eh_proj.weight").T
     b, t, _ = x.shape
-    rs, d = c.rope_scaling_dict, c.qk_rope_head_dim
-    base = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    cd = [
-        d
-        * math.log(rs["original_max_position_embeddings"] / (r * 2 * math.pi))
-        / (2 * math.log(c.rope_theta))
-        for r in (rs["beta_fast"], rs["beta_slow"])
-    ]
-    low, high = max(math.floor(cd[0]), 0), min(math.ceil(cd[1]), d - 1)  # clamped as in DeepSeek's reference
-    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-    freqs = base * (1 - ramp) + base / rs["factor"] * ramp
-    rot = torch.polar(
-        torch.ones(t, d // 2, dtype=torch.float64), torch.outer(torch.arange(t, dtype=torch.float64), freqs)
-    )
-
-    def rope(v):
-        return torch.view_as_real(
-            torch.view_as_complex(v.reshape(*v.shape[:-1], -1, 2)) * rot.view(1, t, 1, -1)
-        ).flatten(-2)
-
-    h_in = norm(x, "input_layernorm.weight")
-    nh, nope, r = c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
-    q = (
-        norm(h_in @ w("self_attn.q_a_proj.weight").T, "self_attn.q_a_layernorm.weight")
-        @ w("self_attn.q_b_proj.weight").T
-    )
-    q = q.view(b, t, nh, -1)
-    q = torch.cat([q[..., :nope], rope(q[..., nope:])], -1)
-    kv = h_in @ w("self_attn.kv_a_proj_with_mqa.weight").T
-    k_pe = rope(kv[..., r:].unsqueeze(2))
-    kvb = (norm(kv[..., :r], "self_attn.kv_a_layernorm.weight") @ w("self_attn.kv_b_proj.weight").T).view(
-        b, t, nh, -1
-    )
-    k = torch.cat([kvb[..., :nope], k_pe.expand(-1, -1, nh, -1)], -1)
-    scores = torch.einsum("bshd,bthd->bhst", q, k) * c.softmax_scale
-    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-    x = (
-        x
-        + torch.einsum("bhst,bthd->bshd", scores, kvb[..., nope:]).reshape(b, t, -1)
-        @ w("self_attn.o_proj.weight").T
-    )
+    x = x + _ref_attention(c, w, norm, norm(x, "input_layernorm.weight")) @ w("self_attn.o_proj.weight").T
     y = norm(x, "post_attention_layernorm.weight").view(b * t, -1)
-    s = torch.sigmoid(y @ w("mlp.gate.weight").T)
-    sb = (s + w("mlp.gate.e_score_correction_bias")).view(b * t, c.n_group, -1)
-    groups = sb.topk(2, -1).values.sum(-1).topk(c.topk_group, -1).indices
-    gm = torch.zeros(b * t, c.n_group, dtype=torch.bool).scatter(1, groups, True)
-    top = (
-        sb.masked_fill(~gm.unsqueeze(-1), float("-inf"))
-        .view(b * t, -1)
-        .topk(c.num_experts_per_tok, -1)
-        .indices
-    )
-    gw = s.gather(1, top)
-    gw = gw / gw.sum(-1, keepdim=True) * c.routed_scaling_factor
-    moe = mlp(y, "mlp.shared_experts")
-    for i in range(b * t):  # a deliberately simple per-token loop
-        for j, e in enumerate(top[i].tolist()):
-            moe[i] += gw[i, j] * mlp(y[i : i + 1], f"mlp.experts.{e}")[0]
-    x = x + moe.view(b, t, -1)
+    x = x + _ref_moe(c, w, mlp, y).view(b, t, -1)
     return norm(x, "shared_head.norm.weight") @ w("shared_head.head.weight").T
 
 
