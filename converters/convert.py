@@ -239,6 +239,7 @@ class ConvertProducer:
         self._scratch = torch.empty(0, dtype=torch.float32)
         self._out = [torch.empty(0, dtype=torch.bfloat16), torch.empty(0, dtype=torch.bfloat16)]
         self._turn = 0
+        self._done: list[str] = []  # prefixes of encoded linears, oldest first, whose pages are not released
 
     def out_buffer(self, shape: tuple[int, int]) -> torch.Tensor:
         """One of two reused bf16 output buffers, in turn: the streaming writer has at most one tensor in
@@ -278,7 +279,18 @@ class ConvertProducer:
         if self._cache is None or self._cache[0] != conv.prefix:
             self._cache = None
             self._cache = (conv.prefix, self.encode(conv))
+            self._release_old(conv.prefix)
         return self._cache[1][spec.name]
+
+    def _release_old(self, prefix: str) -> None:
+        """Release the source pages of linears encoded two or more linears ago. The last two stay mapped:
+        the previous linear's last tensor may still be in the writer's one in-flight write, and a bf16
+        source can be written straight from its mapped view."""
+        self._done.append(prefix)
+        while len(self._done) > 2:
+            old = self._done.pop(0)
+            for suffix in TENSOR_SUFFIXES:
+                self.reader.release(f"{old}.{suffix}")
 
     def encode(self, conv: Conversion) -> dict[str, torch.Tensor]:
         src = SourceWeight(self.reader.get, conv.prefix, conv.src_fmt, conv.shape, self.block)

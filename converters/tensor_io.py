@@ -4,6 +4,9 @@ materialises it in anonymous memory and nothing can write to the input. A few sh
 (least recently used first out); a map is unmapped once the last view on it is gone. Maps are read
 sequentially (``MADV_SEQUENTIAL``) and each tensor's pages are requested ahead as it is handed out
 (``MADV_WILLNEED``), so a cold shard streams from disk with large reads instead of page-by-page faults.
+A consumer that is done with a tensor can ``release`` it (``MADV_DONTNEED``): its pages leave the
+process's resident set (they stay in the page cache), so resident memory holds the tensors in use, not
+the whole of the open shards.
 
 ``write_shard_streaming`` writes one output shard exactly as ``dsv3tools.writer.write_shard`` does (same
 bytes, same temporary name; the executor makes it durable and renames it) but faster for conversions:
@@ -90,6 +93,17 @@ class ShardReader:
             return
         mm, base = self._map(info.shard)
         _advise(mm, getattr(mmap, "MADV_WILLNEED", None), base + info.offsets[0], info.nbytes)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of ``name`` from this process's mapping (a hint; a later read re-faults them from
+        the page cache or the file, so releasing a tensor that is still read is slow, never wrong: the
+        private map is never written)."""
+        info = self.infos.get(name)
+        hit = self._maps.get(info.shard) if info is not None else None
+        if hit is None or info.nbytes == 0:
+            return
+        mm, base = hit
+        _advise(mm, getattr(mmap, "MADV_DONTNEED", None), base + info.offsets[0], info.nbytes)
 
     def locate(self, name: str) -> Location:
         """Where the bytes of ``name`` lie: (shard file, absolute offset, byte count)."""

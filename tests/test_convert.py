@@ -19,9 +19,10 @@ import torch
 from conftest import ROOT, run_cli
 from safetensors.torch import load_file, save_file
 
-from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.checkpoint import Checkpoint, TensorInfo
 from dsv3tools.converters.convert import ConvertOptions, convert
 from dsv3tools.converters.convert_math import SourceWeight, encode_int4
+from dsv3tools.converters.tensor_io import ShardReader
 from dsv3tools.synth import synthesize
 from tests.conftest import SPEC_INT4_WEIGHTS, raw_tensors
 
@@ -348,6 +349,49 @@ def test_parts_workers_and_dry_run_are_byte_identical(tiny_fp8: Path, work: Path
         plan["bytes_out"]
         == json.loads((ref / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     )
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_reader_release_drops_resident_pages(work: Path) -> None:
+    path = work / "release.safetensors"
+    save_file({"a": torch.ones(16 << 20), "b": torch.ones(1024)}, path)  # a: 64 MiB
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    infos = {
+        n: TensorInfo(n, path.name, h["dtype"], tuple(h["shape"]), tuple(h["data_offsets"]))
+        for n, h in header.items()
+        if n != "__metadata__"
+    }
+    reader = ShardReader(work, infos)
+    before = _rss_file_kib()
+    assert float(reader.get("a").sum()) == 16 << 20  # touches every page
+    touched = _rss_file_kib()
+    reader.release("a")
+    released = _rss_file_kib()
+    assert touched - before > 48 << 10 and touched - released > 48 << 10
+    assert float(reader.get("a").sum()) == 16 << 20  # still readable after release (re-faulted)
+
+
+def test_convert_releases_all_but_the_last_two_source_linears(
+    tiny_fp8: Path, work: Path, monkeypatch
+) -> None:
+    released: list[str] = []
+    real = ShardReader.release
+    monkeypatch.setattr(ShardReader, "release", lambda self, n: released.append(n) or real(self, n))
+    convert(tiny_fp8, work / "rel", ConvertOptions("bf16"))
+    linears = {
+        n.removesuffix(".weight_scale_inv") for n in Checkpoint(tiny_fp8).weight_map if "scale_inv" in n
+    }
+    done = {n.removesuffix(".weight") for n in released if n.endswith(".weight")}
+    shards = {Checkpoint(tiny_fp8).infos()[n + ".weight"].shard for n in linears}
+    assert done < linears and len(linears - done) <= 2 * len(shards)
+    assert {n + ".weight_scale_inv" for n in done} <= set(released)
 
 
 def _header_len(path: Path) -> int:
