@@ -11,6 +11,11 @@ converter's ``bf16(float32(q) * s)``, so an FP8 checkpoint and its bf16 conversi
 W4A16) through :mod:`dsv3tools.kernels.dispatch`; ``auto`` is ``triton`` on CUDA where the kernels run and
 ``dequant`` everywhere else.
 
+On a CPU without half-precision matmul units (no AVX512-BF16/AMX), torch's bf16/fp16 GEMM runs row by row
+(about 7x below its float32 GEMM at 128 rows); :func:`dense` then computes such products in float32 from 4
+rows up and rounds once to the activation dtype. That is the arithmetic of torch's own half GEMM (exact
+products, float32 accumulation, one rounding), so only the summation order differs.
+
 Two opt-in modes: :meth:`Linear.materialize` converts the weight once into the compute dtype (the values
 ``dequant`` would produce per use, held resident); ``Linear.chunk_elems`` (set for layer streaming)
 dequantizes a large weight in row blocks so the float temporaries stay bounded.
@@ -18,6 +23,7 @@ dequantizes a large weight in row blocks so the float temporaries stay bounded.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,6 +34,35 @@ from dsv3tools.errors import DSV3Error
 from dsv3tools.quant import fp8_block_dequant, int4_dequant
 
 MODEL_BACKENDS = ("auto", "dequant", "torch", "triton")
+UPCAST_MIN_ROWS = 4  # torch's CPU half GEMM costs one weight pass per row; float32 wins from 4 rows
+
+
+@functools.cache
+def cpu_half_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """True when this CPU has no hardware path for ``dtype`` matmuls (bf16: AVX512-BF16 or AMX tiles; fp16:
+    AMX-FP16), so torch falls back to its row-by-row half GEMM."""
+    probes = {
+        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+        torch.float16: ("_is_amx_fp16_supported",),
+    }
+    if dtype not in probes:
+        return False
+    return not any(getattr(torch.cpu, name, lambda: False)() for name in probes[dtype])
+
+
+def dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` in ``x.dtype`` (``F.linear``); bf16/fp16 products of at least ``UPCAST_MIN_ROWS`` rows on a
+    CPU without half-precision matmul units run in float32 and are rounded once to ``x.dtype``."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == w.dtype
+        and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]
+        and cpu_half_matmul_is_slow(x.dtype)
+    ):
+        return F.linear(x.float(), w.float()).to(x.dtype)
+    return F.linear(x, w)
+
+
 TENSOR_SUFFIXES = ("weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape")
 
 
@@ -144,7 +179,7 @@ def _chunked_linear(x: torch.Tensor, layer: Linear, chunk_elems: int) -> torch.T
     out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     for start in range(0, n_out, rows):
         stop = min(start + rows, n_out)
-        out[..., start:stop] = F.linear(x, dequant_rows(layer, x.dtype, start, stop))
+        out[..., start:stop] = dense(x, dequant_rows(layer, x.dtype, start, stop))
     return out
 
 
@@ -162,8 +197,8 @@ def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
         shape = (packed.shape[0], packed.shape[1] * 8)
         return int4_linear(x, packed, scale, shape, shape[1] // scale.shape[1], backend)
     if fmt == "float" and layer.weight.dtype == x.dtype:
-        return F.linear(x, layer.weight)
+        return dense(x, layer.weight)
     chunk = layer.chunk_elems
     if chunk is not None and fmt != "empty" and math.prod(layer.weight_shape_2d()) > chunk:
         return _chunked_linear(x, layer, chunk)
-    return F.linear(x, dequant_weight(layer, x.dtype))
+    return dense(x, dequant_weight(layer, x.dtype))

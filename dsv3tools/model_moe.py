@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3tools.config import ModelConfig
-from dsv3tools.linear import Linear
+from dsv3tools.linear import Linear, dense
 
 GROUP_SCORE_TOP = 2  # noaux_tc: a group's score is the sum of its 2 best biased scores
 
@@ -155,8 +155,8 @@ class MoE(nn.Module):
     def _stacked_expert(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Expert at stacked row ``j`` on ``x [N, H]``: one fused gate+up matmul, then down."""
         gate_up, down = self.stacked
-        h = F.linear(x, gate_up[j])
-        return F.linear(F.silu(h[:, : self.inter]) * h[:, self.inter :], down[j])
+        h = dense(x, gate_up[j])
+        return dense(F.silu(h[:, : self.inter]) * h[:, self.inter :], down[j])
 
     def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """One token (decode): its k experts in ascending id order, summed like the grouped path."""

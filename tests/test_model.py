@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dsv3tools import linear as linear_mod
 from dsv3tools.checkpoint import Checkpoint
 from dsv3tools.errors import DSV3Error
 from dsv3tools.layout import model_weights
-from dsv3tools.linear import Linear
+from dsv3tools.linear import Linear, dense
 from dsv3tools.model import Transformer
 from dsv3tools.model_attention import MLA
 from dsv3tools.model_io import load_model, save_checkpoint
@@ -217,6 +218,31 @@ def test_fp8_and_bf16_conversion_identical(tiny_fp8: Path, tmp_path: Path) -> No
             a = load_model(tiny_fp8, dtype=dtype, backend="dequant")(ids)
             b = load_model(conv, dtype=dtype, backend="dequant")(ids)
         assert torch.equal(a, b)
+
+
+def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(1e-30))) - 7)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 16])
+def test_dense_half_route_is_torch_half_gemm_arithmetic(monkeypatch, rows: int) -> None:
+    """On CPUs without bf16 matmul units ``dense`` computes bf16 products of >= 4 rows in float32 with one
+    rounding; fewer rows keep torch's own bf16 GEMM. Both are one rounding of a float32-accumulated sum of
+    exact products: within one bf16 ulp of the float64 result."""
+    monkeypatch.setattr(linear_mod, "cpu_half_matmul_is_slow", lambda dtype: True)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, 512, generator=g).bfloat16(), torch.randn(96, 512, generator=g).bfloat16()
+    got, exact = dense(x, w), x.double() @ w.double().T
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= _bf16_ulp(exact)).all()
+    upcast = torch.nn.functional.linear(x.float(), w.float()).bfloat16()
+    assert torch.equal(
+        got, upcast if rows >= linear_mod.UPCAST_MIN_ROWS else torch.nn.functional.linear(x, w)
+    )
+    torch_half = torch.nn.functional.linear(x, w)
+    assert ((torch_half.double() - exact).abs() <= _bf16_ulp(exact)).all()
+    monkeypatch.setattr(linear_mod, "cpu_half_matmul_is_slow", lambda dtype: False)
+    assert torch.equal(dense(x, w), torch_half)
 
 
 def test_int4_matches_float64_forward(tiny_bf16: Path, tmp_path: Path) -> None:
