@@ -7,7 +7,8 @@
 Default: the ``small`` preset (fp8 and its bf16 conversion, same weights), prefill and decode tokens/s of
 the built-in forward (``load_model(..., materialize=True, attn_impl="auto")``: weights converted once at
 load into the compute dtype, as transformers holds them) against transformers' DeepseekV3ForCausalLM in the
-same process, same compute dtype, interleaved runs (median ratio); then peak memory after loading the fp8
+same process, same compute dtype (``--dtype bfloat16`` is both libraries' default; float32 makes both call
+the same sgemm), interleaved runs (median ratio); then peak memory after loading the fp8
 checkpoint in place (the default, not materialized) and one forward over its file size, in a subprocess
 with psutil. ``--offload-check``: a real-shape checkpoint run with ``offload=True`` (prefill + a few decode
 steps with the KV cache) in a subprocess; peak anonymous RSS (``RssAnon`` in /proc/self/status, sampled

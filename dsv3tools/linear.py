@@ -35,6 +35,7 @@ from dsv3tools.quant import fp8_block_dequant, int4_dequant
 
 MODEL_BACKENDS = ("auto", "dequant", "torch", "triton")
 UPCAST_MIN_ROWS = 4  # torch's CPU half GEMM costs one weight pass per row; float32 wins from 4 rows
+UPCAST_CHUNK_ELEMS = 1 << 20  # weight elements upcast to float32 at a time (4 MiB)
 
 
 @functools.cache
@@ -52,15 +53,23 @@ def cpu_half_matmul_is_slow(dtype: torch.dtype) -> bool:
 
 def dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` in ``x.dtype`` (``F.linear``); bf16/fp16 products of at least ``UPCAST_MIN_ROWS`` rows on a
-    CPU without half-precision matmul units run in float32 and are rounded once to ``x.dtype``."""
-    if (
+    CPU without half-precision matmul units run in float32 and are rounded once to ``x.dtype``, upcasting
+    ``w`` ``UPCAST_CHUNK_ELEMS`` at a time (bounded temporaries)."""
+    if not (
         x.device.type == "cpu"
         and x.dtype == w.dtype
         and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]
         and cpu_half_matmul_is_slow(x.dtype)
     ):
-        return F.linear(x.float(), w.float()).to(x.dtype)
-    return F.linear(x, w)
+        return F.linear(x, w)
+    x32, n = x.float(), w.shape[0]
+    rows = max(1, UPCAST_CHUNK_ELEMS // w.shape[1])
+    if rows >= n:
+        return F.linear(x32, w.float()).to(x.dtype)
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    for start in range(0, n, rows):
+        out[..., start : start + rows] = F.linear(x32, w[start : start + rows].float())
+    return out
 
 
 TENSOR_SUFFIXES = ("weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape")

@@ -241,6 +241,9 @@ def test_dense_half_route_is_torch_half_gemm_arithmetic(monkeypatch, rows: int) 
     )
     torch_half = torch.nn.functional.linear(x, w)
     assert ((torch_half.double() - exact).abs() <= _bf16_ulp(exact)).all()
+    monkeypatch.setattr(linear_mod, "UPCAST_CHUNK_ELEMS", 512 * 40)  # 40 weight rows at a time: 3 chunks
+    chunked = dense(x, w)
+    assert ((chunked.double() - exact).abs() <= _bf16_ulp(exact)).all()
     monkeypatch.setattr(linear_mod, "cpu_half_matmul_is_slow", lambda dtype: False)
     assert torch.equal(dense(x, w), torch_half)
 
