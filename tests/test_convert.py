@@ -394,6 +394,26 @@ def test_convert_releases_all_but_the_last_two_source_linears(
     assert {n + ".weight_scale_inv" for n in done} <= set(released)
 
 
+@pytest.mark.parametrize("missing", [("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_byte_copies_across_file_systems_are_identical(
+    tiny_fp8: Path, work: Path, monkeypatch, missing
+) -> None:
+    """Across file systems ``copy_file_range`` fails with EXDEV: byte copies fall back to ``sendfile``, then to
+    reads and writes; the output is the same bytes."""
+    ref = work / "x-ref"
+    if not ref.exists():
+        convert(tiny_fp8, ref, ConvertOptions("bf16"))
+
+    def exdev(*a, **k):
+        raise OSError(18, "Invalid cross-device link")
+
+    for name in missing:
+        monkeypatch.setattr(os, name, exdev)
+    out = work / f"x-{len(missing)}"
+    convert(tiny_fp8, out, ConvertOptions("bf16"))
+    assert folder_digest(out) == folder_digest(ref)
+
+
 def _header_len(path: Path) -> int:
     return 8 + int.from_bytes(path.read_bytes()[:8], "little")
 
