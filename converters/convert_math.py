@@ -4,19 +4,16 @@ or int4 dequantized), and encode it as bf16, fp8 blocks or packed int4. Every en
 whose row counts are multiples of the block/group structure, so the result is bit-identical to the
 whole-tensor reference formulas of ``dsv3tools.quant`` (blocks and groups never straddle bands).
 
-FP8 dequantization (the hot path of fp8 -> bf16) goes through one table per 128x128 block:
-``table[code] = dtype(float32(code) * s)`` for the 256 e4m3 codes is exact by construction (the same
-two IEEE roundings as the formula), and a gather with ``index = code + 256 * block_col`` (uint16) then
-reads 1 byte and writes 2 (bf16) per element, several times faster than the float path on CPU."""
+FP8 dequantization (the hot path of fp8 -> bf16) goes through ``dsv3tools.fp8_lut``'s per-block tables."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 
+from dsv3tools.fp8_lut import fp8_dequant_lut, fp8_to_float32
 from dsv3tools.quant import INT4_MAX, cdiv, fp8_block_dequant, fp8_block_quant, int4_quant, int4_unpack
 
 BAND_ELEMENTS = 1 << 22  # about 16 MB of float32 per band
@@ -28,52 +25,6 @@ def bands(rows: int, cols: int, align: int = 128) -> Iterator[tuple[int, int]]:
     step = max(align, (BAND_ELEMENTS // max(cols, 1)) // align * align)
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
-
-
-_FP8_LUT = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-
-
-def fp8_to_float32(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[:] = float32(q)`` for contiguous e4m3 codes through a 256-entry table (exact, NaN included;
-    several times faster than torch's element-wise fp8 cast on CPU)."""
-    np.take(_FP8_LUT, q.contiguous().view(torch.uint8).numpy(), out=out.numpy())
-    return out
-
-
-_FP8_CODES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-_LUT_INT = {2: torch.int16, 4: torch.int32}
-LUT_ROWS = 16  # rows per gather: the uint16 index chunk stays in cache
-
-
-def fp8_dequant_lut(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor, block: tuple[int, int]) -> bool:
-    """``out[:] = out.dtype(float32(q) * s[i // b0, j // b1])`` through a 256-entry table per block.
-
-    ``q`` starts on a block row; ragged last blocks are fine. Returns False (nothing written) when the
-    table path does not apply: more than 256 block columns (uint16 index), an ``out`` that is not a
-    contiguous bf16/f16/f32 tensor.
-    """
-    rows, cols = q.shape
-    b0, b1 = block
-    gr, gc = cdiv(rows, b0), cdiv(cols, b1)
-    if gc > 256 or out.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not out.is_contiguous():
-        return False
-    if q.numel() == 0:
-        return True
-    itype = _LUT_INT[out.element_size()]
-    tables = (_FP8_CODES * s[:gr, :gc].float().unsqueeze(-1)).to(out.dtype).view(itype).numpy()
-    offsets = (np.arange(cols, dtype=np.uint16) // b1) * np.uint16(256)
-    codes = q.contiguous().view(torch.uint8).numpy()
-    dst = out.view(itype).numpy()
-    idx = np.empty((LUT_ROWS, cols), dtype=np.uint16)
-    for bi in range(gr):
-        table = tables[bi].reshape(-1)
-        end = min(rows, (bi + 1) * b0)
-        for r0 in range(bi * b0, end, LUT_ROWS):
-            r1 = min(r0 + LUT_ROWS, end)
-            ix = idx[: r1 - r0]
-            np.add(codes[r0:r1], offsets, out=ix, dtype=np.uint16)
-            np.take(table, ix, out=dst[r0:r1], mode="clip")  # indices are in range; "clip" skips buffering
-    return True
 
 
 def fp8_dequant_into(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from dsv3tools.quant import int4_dequant, int4_pack, int4_quant, int4_unpack
+from dsv3tools.fp8_lut import fp8_dequant_lut
+from dsv3tools.linear import fp8_dequant_bf16
+from dsv3tools.quant import fp8_block_dequant, int4_dequant, int4_pack, int4_quant, int4_unpack
 
 
 def _group_error(g: torch.Tensor, scale: float) -> float:
@@ -40,3 +43,22 @@ def test_int4_rtn_and_mse_against_per_group_loops() -> None:
         assert torch.equal(int4_unpack(packed), q)
         ref = (q.double().view(8, 2, 128) * s.double().view(8, 2, 1)).view(8, 256)
         assert torch.equal(int4_dequant(packed, s, (8, 256), torch.float32), ref.float())
+
+
+@pytest.mark.parametrize("shape", [(576, 7168), (300, 200), (128, 128 * 257)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_lut_is_the_formula_bit_for_bit(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """The table path against the reference formula, compared bit by bit: every code (NaN included), ragged blocks;
+    more than 256 block columns is refused (uint16 index), and then the linear's dequant still matches."""
+    g = torch.Generator().manual_seed(shape[0])
+    q = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).view(torch.float8_e4m3fn)
+    s = torch.rand(-(-shape[0] // 128), -(-shape[1] // 128), generator=g) * 1e-2 + 1e-4
+    ref = fp8_block_dequant(q, s, (128, 128), dtype)
+    out, bits = torch.empty(shape, dtype=dtype), torch.int32 if dtype == torch.float32 else torch.int16
+    if shape[1] > 256 * 128:
+        assert not fp8_dequant_lut(q, s, out, (128, 128))
+    else:
+        assert fp8_dequant_lut(q, s, out, (128, 128))
+        assert torch.equal(out.view(bits), ref.view(bits))
+    if dtype == torch.bfloat16:
+        assert torch.equal(fp8_dequant_bf16(q, s, (128, 128)).view(bits), ref.view(bits))
