@@ -1,20 +1,21 @@
 """Reading a checkpoint: config, index, shard headers (parsed without touching tensor data), lazy tensor
-access through safetensors' mmap, per-linear format detection, and validation against the config."""
+access through a private mmap of each shard (views: only the pages used become resident), per-linear format detection, and validation against the config."""
 
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
 from dsv3tools.layout import DTYPE_BYTES, Weight, detect_format, layer_of, model_weights, nbytes, storage
+from dsv3tools.writer import TORCH_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -91,7 +92,7 @@ class Checkpoint:
         self.weight_map = self._read_index()
         self.shards = sorted(set(self.weight_map.values()))
         self._headers: dict[str, dict[str, TensorInfo]] = {}
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, tuple[mmap.mmap, int]] = {}
 
     def _read_index(self) -> dict[str, str]:
         idx = self.path / INDEX_NAME
@@ -148,18 +149,32 @@ class Checkpoint:
 
     # ---- data --------------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, memory-mapped (no copy until it is written to or converted)."""
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise DSV3Error(f"{self.path}: tensor {name} is not in the index; the checkpoint is incomplete")
-        h = self._handles.get(shard)
-        if h is None:
+        """One tensor as a view on a private (copy-on-write) map of its shard: nothing is read until the
+        tensor's values are used, and only the pages used become resident."""
+        info = self.info(name)
+        dtype = TORCH_DTYPES[info.dtype]
+        a, b = info.offsets
+        if a == b:
+            return torch.empty(info.shape, dtype=dtype)
+        mm, base = self._map(info.shard)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=b - a, offset=base + a)
+        if (base + a) % dtype.itemsize:  # unaligned in the file (safetensors itself aligns): copy
+            raw = raw.clone()
+        return raw.view(dtype).view(info.shape)
+
+    def _map(self, shard: str) -> tuple[mmap.mmap, int]:
+        """The shard's map and the byte offset of its data (the header was validated by :meth:`info`)."""
+        hit = self._handles.get(shard)
+        if hit is None:
+            path = self.path / shard
             try:
-                h = safe_open(str(self.path / shard), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for bad files
-                raise DSV3Error(f"{self.path / shard}: cannot open ({e}); re-download it") from None
-            self._handles[shard] = h
-        return h.get_tensor(name)
+                with open(path, "rb") as f:
+                    (hlen,) = struct.unpack("<Q", f.read(8))
+                    hit = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 8 + hlen)
+            except (OSError, struct.error, ValueError) as e:
+                raise DSV3Error(f"{path}: cannot open ({e}); re-download it") from None
+            self._handles[shard] = hit
+        return hit
 
     def linear_format(self, prefix: str) -> str | None:
         return detect_format(self.weight_map, prefix)
