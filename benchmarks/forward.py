@@ -1,16 +1,16 @@
 """Forward benchmarks (run by hand; results in benchmarks/RESULTS.md).
 
     python benchmarks/forward.py [--workdir DIR] [--dtype float32|bfloat16] [--prompt-len 256] [--decode 32]
-        [--runs 3] [--threads N]
+        [--runs 3] [--threads N] [--ours-in-place]
     python benchmarks/forward.py --offload-check [--layers 2 --experts 8] [--offload-tokens 16]
 
 Default: the ``small`` preset (fp8 and its bf16 conversion, same weights), prefill and decode tokens/s of
 the built-in forward (``load_model(..., materialize=True, attn_impl="auto")``: weights converted once at
 load into the compute dtype, as transformers holds them) against transformers' DeepseekV3ForCausalLM in the
 same process, same compute dtype (``--dtype bfloat16`` is both libraries' default; float32 makes both call
-the same sgemm), interleaved runs (median ratio); then peak memory after loading the fp8
-checkpoint in place (the default, not materialized) and one forward over its file size, in a subprocess
-with psutil. ``--offload-check``: a real-shape checkpoint run with ``offload=True`` (prefill + a few decode
+the same sgemm), interleaved runs (median ratio); ``--ours-in-place`` times ours on the fp8 checkpoint as
+loaded by default (weights stay mapped in their stored form, dequantized per use); then peak memory after
+loading the fp8 checkpoint in place and one forward over its file size, in a subprocess with psutil. ``--offload-check``: a real-shape checkpoint run with ``offload=True`` (prefill + a few decode
 steps with the KV cache) in a subprocess; peak anonymous RSS (``RssAnon`` in /proc/self/status, sampled
 every 2 ms) above the post-import baseline against two of the largest decoder layer's bytes plus the
 cache. The memory-mapped embedding and head are file-backed pages (``RssFile``), reported separately.
@@ -137,13 +137,25 @@ def _decoders(ours, hf, ids: torch.Tensor, decode: int):
 
 
 @torch.inference_mode()
-def speed(bf16_dir: Path, dtype: torch.dtype, prompt_len: int, decode: int, repeats: int, runs: int) -> dict:
-    """Prefill and decode tokens/s of ours (materialized, ``auto`` attention) and transformers in this
-    process: ``runs`` runs, each the best of ``repeats`` alternating calls; ratios are medians over runs."""
+def speed(
+    bf16_dir: Path,
+    dtype: torch.dtype,
+    prompt_len: int,
+    decode: int,
+    repeats: int,
+    runs: int,
+    ours_dir: Path | None,
+) -> dict:
+    """Prefill and decode tokens/s of ours (materialized, ``auto`` attention; with ``ours_dir``: that
+    checkpoint in place, the default) and transformers in this process: ``runs`` runs, each the best of
+    ``repeats`` alternating calls; ratios are medians over runs."""
     import dsv3tools
 
     ids = torch.randint(5, 4000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    ours = dsv3tools.load_model(bf16_dir, dtype=dtype, materialize=True, attn_impl="auto")
+    if ours_dir is None:
+        ours = dsv3tools.load_model(bf16_dir, dtype=dtype, materialize=True, attn_impl="auto")
+    else:
+        ours = dsv3tools.load_model(ours_dir, dtype=dtype, attn_impl="auto")
     hf = hf_model(bf16_dir, dtype)
     models, dec = {"ours": ours, "transformers": hf}, _decoders(ours, hf, ids, decode)
     cases = [(n, "prefill", lambda _, m=m: m(ids), None) for n, m in models.items()]
@@ -223,6 +235,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3, help="interleaved runs; ratios are their median")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--ours-in-place", action="store_true", help="ours on the fp8 checkpoint in place (not materialized)"
+    )
     ap.add_argument("--offload-check", action="store_true")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=8)
@@ -248,7 +263,16 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "prompt_len": a.prompt_len,
         "decode": a.decode,
-        "speed": speed(bf16, getattr(torch, a.dtype), a.prompt_len, a.decode, a.repeats, a.runs),
+        "ours": "fp8 in place" if a.ours_in_place else "bf16 materialized",
+        "speed": speed(
+            bf16,
+            getattr(torch, a.dtype),
+            a.prompt_len,
+            a.decode,
+            a.repeats,
+            a.runs,
+            fp8 if a.ours_in_place else None,
+        ),
         "memory_fp8": memory(fp8, offload=False),
     }
     m = result["memory_fp8"]
