@@ -15,6 +15,9 @@ produced folder cold and is timed until its files are fsynced (``sync FILE...``)
 ``/usr/bin/time`` (the largest single process) and the sum over the process tree polled every 50 ms
 (what matters with ``--workers`` > 1).
 
+``--out-root /dev/shm --checkpoints A --no-cp`` writes the outputs to RAM instead (a stand-in for a disk
+faster than this machine's, and a different file system from the input's).
+
 Usage: ``python benchmarks/convert.py --workdir /tmp/cvbench`` (synthesizes what is missing; real-shape
 checkpoints of several GB; the outputs are deleted as soon as they are measured).
 """
@@ -193,6 +196,9 @@ def emit(row: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cvbench"))
+    ap.add_argument("--out-root", type=Path, default=None, help="where outputs go (default: --workdir)")
+    ap.add_argument("--checkpoints", default="A,C", help="comma-separated: A, C")
+    ap.add_argument("--no-cp", action="store_true", help="skip cp -r of the output")
     ap.add_argument("--naive", nargs=3, metavar=("MODEL", "OUT", "TO"))
     ap.add_argument("--workers", default="1,2", help="comma-separated --workers values")
     ap.add_argument("--repeat", type=int, default=2)
@@ -202,15 +208,16 @@ def main() -> None:
         naive(Path(a.naive[0]), Path(a.naive[1]), a.naive[2])
         return
     models = {
-        name: ensure(a.workdir / CHECKPOINTS[name][0], *CHECKPOINTS[name][1:], 10**9) for name in CHECKPOINTS
+        name: ensure(a.workdir / CHECKPOINTS[name][0], *CHECKPOINTS[name][1:], 10**9)
+        for name in a.checkpoints.split(",")
     }
     print(f"load average: {os.getloadavg()}", flush=True)
     workers = [int(x) for x in a.workers.split(",")]
     if "bf16" in a.targets:
         for name, model in models.items():
-            bench_target(a.workdir, name, model, "bf16", workers, a.repeat)
-    if "int4" in a.targets:
-        bench_target(a.workdir, "A", models["A"], "int4", workers, a.repeat)
+            bench_target(a.out_root or a.workdir, name, model, "bf16", workers, a.repeat, not a.no_cp)
+    if "int4" in a.targets and "A" in models:
+        bench_target(a.out_root or a.workdir, "A", models["A"], "int4", workers, a.repeat, False)
 
 
 # name -> (folder, layers, experts). Both have the real 1.85 GB embedding (and head, and their MTP copies)
@@ -218,15 +225,17 @@ def main() -> None:
 CHECKPOINTS = {"A": ("rs2", 2, 16), "C": ("rs64", 2, 64)}
 
 
-def bench_target(workdir: Path, name: str, model: Path, to: str, workers: list[int], repeat: int) -> None:
-    """fp8 -> ``to`` on one checkpoint: the naive baseline, ours per ``--workers`` value and, for bf16,
-    ``cp -r`` of the produced folder."""
+def bench_target(
+    workdir: Path, name: str, model: Path, to: str, workers: list[int], repeat: int, with_cp: bool
+) -> None:
+    """fp8 -> ``to`` on one checkpoint, outputs under ``workdir``: the naive baseline, ours per ``--workers``
+    value and, ``with_cp``, ``cp -r`` of the produced folder."""
     n, total, largest = shard_stats(model)
     base = {"checkpoint": name, "shards": n, "gb": total / 1e9, "largest_shard_gb": largest / 1e9}
     base["rss_target_gib"] = 1 + 2 * largest / 2**30
     naive_row = bench_naive(model, workdir / f"{name}-naive", to, repeat)
     for w in workers:
-        cp_dst = workdir / f"{name}-cp" if to == "bf16" else None
+        cp_dst = workdir / f"{name}-cp" if with_cp else None
         row = dict(base, to=to if to == "bf16" else "int4 (experts, rtn)", workers=w)
         row.update(bench_ours(model, workdir / f"{name}-{to}", to, w, repeat, cp_dst))
         row.update(naive_row, speedup_vs_naive=naive_row["naive_s"] / row["ours_s"])
