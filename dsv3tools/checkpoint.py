@@ -79,6 +79,33 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+MappedShard = tuple[mmap.mmap, int]  # the shard's private map, byte offset of its data
+
+
+def map_shard(path: Path) -> MappedShard:
+    """A private (copy-on-write) map of a shard whose header :func:`read_header` validated."""
+    try:
+        with open(path, "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 8 + hlen
+    except (OSError, struct.error, ValueError) as e:
+        raise DSV3Error(f"{path}: cannot open ({e}); re-download it") from None
+
+
+def tensor_view(mapped: MappedShard, info: TensorInfo) -> torch.Tensor:
+    """The stored tensor as a view on the map: nothing is read until its values are used, and only the
+    pages used become resident (``safe_open().get_tensor`` made most of each tensor resident on open)."""
+    mm, base = mapped
+    dtype = TORCH_DTYPES[info.dtype]
+    a, b = info.offsets
+    if a == b:
+        return torch.empty(info.shape, dtype=dtype)
+    raw = torch.frombuffer(mm, dtype=torch.uint8, count=b - a, offset=base + a)
+    if (base + a) % dtype.itemsize:  # unaligned in the file (safetensors itself aligns): copy
+        raw = raw.clone()
+    return raw.view(dtype).view(info.shape)
+
+
 class Checkpoint:
     """A checkpoint folder opened lazily: headers on demand, tensors through mmap."""
 
@@ -92,7 +119,7 @@ class Checkpoint:
         self.weight_map = self._read_index()
         self.shards = sorted(set(self.weight_map.values()))
         self._headers: dict[str, dict[str, TensorInfo]] = {}
-        self._handles: dict[str, tuple[mmap.mmap, int]] = {}
+        self._handles: dict[str, MappedShard] = {}
 
     def _read_index(self) -> dict[str, str]:
         idx = self.path / INDEX_NAME
@@ -149,32 +176,12 @@ class Checkpoint:
 
     # ---- data --------------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        """One tensor as a view on a private (copy-on-write) map of its shard: nothing is read until the
-        tensor's values are used, and only the pages used become resident."""
+        """One tensor as a view on a private map of its shard (:func:`tensor_view`)."""
         info = self.info(name)
-        dtype = TORCH_DTYPES[info.dtype]
-        a, b = info.offsets
-        if a == b:
-            return torch.empty(info.shape, dtype=dtype)
-        mm, base = self._map(info.shard)
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=b - a, offset=base + a)
-        if (base + a) % dtype.itemsize:  # unaligned in the file (safetensors itself aligns): copy
-            raw = raw.clone()
-        return raw.view(dtype).view(info.shape)
-
-    def _map(self, shard: str) -> tuple[mmap.mmap, int]:
-        """The shard's map and the byte offset of its data (the header was validated by :meth:`info`)."""
-        hit = self._handles.get(shard)
-        if hit is None:
-            path = self.path / shard
-            try:
-                with open(path, "rb") as f:
-                    (hlen,) = struct.unpack("<Q", f.read(8))
-                    hit = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 8 + hlen)
-            except (OSError, struct.error, ValueError) as e:
-                raise DSV3Error(f"{path}: cannot open ({e}); re-download it") from None
-            self._handles[shard] = hit
-        return hit
+        mapped = self._handles.get(info.shard)
+        if mapped is None:
+            mapped = self._handles[info.shard] = map_shard(self.path / info.shard)
+        return tensor_view(mapped, info)
 
     def linear_format(self, prefix: str) -> str | None:
         return detect_format(self.weight_map, prefix)

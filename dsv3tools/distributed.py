@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
+from dsv3tools.checkpoint import map_shard, read_header, tensor_view
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
 
@@ -112,18 +112,19 @@ def _attach_rank(model, folder: Path, index: dict, device: torch.device) -> None
     by_file: dict[str, list[str]] = {}
     for name, fname in index["weight_map"].items():
         by_file.setdefault(fname, []).append(name)
-    handles = []  # kept on the model: the attached tensors are memory-mapped from these files
     for fname, names in sorted(by_file.items()):
         path = folder / fname
         if not path.is_file():
             raise DSV3Error(f"{path}: missing rank file; re-run dsv3tools reshard to finish the folder")
-        f = safe_open(str(path), framework="pt")
-        handles.append(f)
+        infos, mapped = read_header(path), map_shard(path)
         for name in names:
-            t = f.get_tensor(name)
+            if name not in infos:
+                raise DSV3Error(
+                    f"{path}: tensor {name} is in the rank index but not in the file; re-run reshard"
+                )
+            t = tensor_view(mapped, infos[name])
             if not attach(model, name, t if device.type == "cpu" else t.to(device)):
                 raise DSV3Error(f"{path}: tensor {name} has no place in the model; re-run dsv3tools reshard")
-    model._rank_files = handles
     missing = missing_weights(model)
     if missing:
         raise DSV3Error(f"{folder}: no tensor for {missing[0]} (+{len(missing) - 1} more) on this rank")
