@@ -171,6 +171,25 @@ def bf16_peak(device: str, bench) -> float:
 
 def time_shape(wts: dict, m: int, bench, peak: float, gen) -> list[dict]:
     """Time bf16 matmul and each kernel at one shape and M; one row per kernel."""
+    n, k = wts["q"].shape
+    rows, base_ms = [], None
+    for name, fn, nbytes, fl in _shape_cases(wts, m, gen):
+        eager_ms, ms = bench(fn)
+        ms = eager_ms if ms != ms else ms  # NaN: no graph timing
+        base_ms = ms if base_ms is None else base_ms
+        tflops = fl / (ms * 1e-3) / 1e12
+        rows.append(
+            {
+                "kernel": name, "N": n, "K": k, "M": m, "ms": ms, "eager_ms": eager_ms, "tflops": tflops,
+                "gbps": nbytes / (ms * 1e-3) / 1e9, "frac_bf16_peak": tflops / peak if peak else 0.0,
+                "speedup_vs_bf16": base_ms / ms if fl else None,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def _shape_cases(wts: dict, m: int, gen) -> list[tuple[str, Callable[[], object], int, int]]:
+    """(name, call, bytes moved, flops) for bf16 matmul first, then each kernel at one shape and M."""
     import torch
 
     from dsv3tools.kernels import dispatch, fp8, int4, launch
@@ -222,20 +241,7 @@ def time_shape(wts: dict, m: int, bench, peak: float, gen) -> list[dict]:
                 0,
             )
         )
-    rows, base_ms = [], None
-    for name, fn, nbytes, fl in cases:
-        eager_ms, ms = bench(fn)
-        ms = eager_ms if ms != ms else ms  # NaN: no graph timing
-        base_ms = ms if base_ms is None else base_ms
-        tflops = fl / (ms * 1e-3) / 1e12
-        rows.append(
-            {
-                "kernel": name, "N": n, "K": k, "M": m, "ms": ms, "eager_ms": eager_ms, "tflops": tflops,
-                "gbps": nbytes / (ms * 1e-3) / 1e9, "frac_bf16_peak": tflops / peak if peak else 0.0,
-                "speedup_vs_bf16": base_ms / ms if fl else None,
-            }
-        )  # fmt: skip
-    return rows
+    return cases
 
 
 def _fused(fn: Callable[[], object]) -> object:
