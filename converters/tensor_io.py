@@ -128,16 +128,20 @@ def copy_range(src: Location, fd: int, offset: int) -> None:
     system (what ``cp`` does), ``sendfile`` across file systems (page cache to page cache, 2.5-3.5x faster
     than reads and writes through a buffer), plain reads and writes where neither exists."""
     path, pos, left = src
+    failed: list[Exception] = []
     with open(path, "rb") as f:
         for step in (_copy_file_range, _sendfile, _read_write):
             try:
                 pos, offset, left = step(f.fileno(), fd, pos, offset, left)
-            except (OSError, AttributeError):  # EXDEV across file systems, ENOSYS, EINVAL: next method
+            except (OSError, AttributeError) as e:  # EXDEV across file systems, ENOSYS, EINVAL: next method
+                failed.append(e)
                 continue
-            if left:
-                raise DSV3Error(f"{path}: truncated; re-download it")
-            return
-        raise DSV3Error(f"{path}: cannot be read")
+            if not left:
+                return
+            # stopped short: end of file, or a method that copies nothing here; the next one tells
+    if len(failed) == 3:
+        raise DSV3Error(f"{path}: cannot be read ({failed[-1]}); re-download it")
+    raise DSV3Error(f"{path}: truncated; re-download it")
 
 
 def _copy_file_range(src: int, fd: int, pos: int, offset: int, left: int) -> tuple[int, int, int]:

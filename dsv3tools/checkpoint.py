@@ -1,5 +1,6 @@
 """Reading a checkpoint: config, index, shard headers (parsed without touching tensor data), lazy tensor
-access through a private mmap of each shard (views: only the pages used become resident), per-linear format detection, and validation against the config."""
+access through a private mmap of each shard (views: only the pages used become resident), per-linear
+format detection, and validation against the config."""
 
 from __future__ import annotations
 
