@@ -24,7 +24,7 @@ from dsv3tools.converters.convert import ConvertOptions, convert
 from dsv3tools.converters.convert_math import SourceWeight, encode_int4
 from dsv3tools.converters.tensor_io import ShardReader
 from dsv3tools.synth import synthesize
-from tests.conftest import SPEC_INT4_WEIGHTS, raw_tensors
+from tests.conftest import SPEC_INT4_WEIGHTS, raw_tensors, rss_file_kib
 
 E4M3 = torch.float8_e4m3fn
 
@@ -351,13 +351,6 @@ def test_parts_workers_and_dry_run_are_byte_identical(tiny_fp8: Path, work: Path
     )
 
 
-def _rss_file_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1])
-    pytest.skip("no RssFile in /proc/self/status")
-
-
 def test_reader_release_drops_resident_pages(work: Path) -> None:
     path = work / "release.safetensors"
     save_file({"a": torch.ones(16 << 20), "b": torch.ones(1024)}, path)  # a: 64 MiB
@@ -369,11 +362,11 @@ def test_reader_release_drops_resident_pages(work: Path) -> None:
         if n != "__metadata__"
     }
     reader = ShardReader(work, infos)
-    before = _rss_file_kib()
+    before = rss_file_kib()
     assert float(reader.get("a").sum()) == 16 << 20  # touches every page
-    touched = _rss_file_kib()
+    touched = rss_file_kib()
     reader.release("a")
-    released = _rss_file_kib()
+    released = rss_file_kib()
     assert touched - before > 48 << 10 and touched - released > 48 << 10
     assert float(reader.get("a").sum()) == 16 << 20  # still readable after release (re-faulted)
 

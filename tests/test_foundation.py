@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
+from dsv3tools.checkpoint import Checkpoint
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
 from dsv3tools.synth import preset_config, synthesize
-from tests.conftest import run_cli
+from tests.conftest import rss_file_kib, run_cli
 
 
 def _spec_names(cfg: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -308,30 +310,19 @@ def test_batched_finish_keeps_written_shards_when_a_later_one_fails(tmp_path: Pa
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
-def _rss_file_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1])
-    pytest.skip("no RssFile in /proc/self/status")
-
-
 def test_checkpoint_get_reads_nothing_until_used(tmp_path: Path, tiny_fp8: Path) -> None:
     """``Checkpoint.get`` hands out views on a map: opening 400 tensors (100 MiB) makes almost nothing
     resident (safetensors' ``safe_open().get_tensor`` made 85 MiB resident here), values are exact, and
     a tensor's pages become resident only when it is used."""
-    from safetensors.torch import save_file
-
-    from dsv3tools.checkpoint import Checkpoint
-
     shutil.copy(tiny_fp8 / "config.json", tmp_path / "config.json")
     tensors = {f"t{i:03d}": torch.full((64 << 10,), float(i)) for i in range(400)}
     save_file(tensors, tmp_path / "model.safetensors")
     ck = Checkpoint(tmp_path)
-    before = _rss_file_kib()
+    before = rss_file_kib()
     views = {n: ck.get(n) for n in tensors}
-    opened = _rss_file_kib()
+    opened = rss_file_kib()
     assert opened - before < 8 << 10
     assert all(torch.equal(views[n], tensors[n]) for n in ("t000", "t399"))
-    assert _rss_file_kib() - opened < 8 << 10
+    assert rss_file_kib() - opened < 8 << 10
     assert all(torch.equal(views[n], t) for n, t in tensors.items())
-    assert _rss_file_kib() - opened > 64 << 10
+    assert rss_file_kib() - opened > 64 << 10
