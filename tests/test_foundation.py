@@ -151,7 +151,6 @@ def test_synth_is_deterministic(tmp_path: Path, tiny_fp8: Path) -> None:
 
 def test_synth_fp8_follows_formula(tiny_fp8: Path, tiny_bf16: Path) -> None:
     """Codes and scales of the fp8 preset are the SPEC recipe applied to the float32 values (float64 check)."""
-    from dsv3tools.checkpoint import Checkpoint
     from dsv3tools.layout import model_weights
     from dsv3tools.synth import random_weight
 
