@@ -10,8 +10,9 @@ load into the compute dtype, as transformers holds them) against transformers' D
 same process, same compute dtype (``--dtype bfloat16`` is both libraries' default; float32 makes both call
 the same sgemm), interleaved runs (median ratio); ``--ours-in-place`` times ours on the fp8 checkpoint as
 loaded by default (weights stay mapped in their stored form, dequantized per use); then peak memory after
-loading the fp8 checkpoint in place and one forward over its file size, in a subprocess with psutil. ``--offload-check``: a real-shape checkpoint run with ``offload=True`` (prefill + a few decode
-steps with the KV cache) in a subprocess; peak anonymous RSS (``RssAnon`` in /proc/self/status, sampled
+loading the fp8 checkpoint in place and one forward over its file size, in a subprocess with psutil.
+``--offload-check``: a real-shape checkpoint run with ``offload=True`` (prefill + a few decode steps with the
+KV cache) in a subprocess; peak anonymous RSS (``RssAnon`` in /proc/self/status, sampled
 every 2 ms) above the post-import baseline against two of the largest decoder layer's bytes plus the
 cache. The memory-mapped embedding and head are file-backed pages (``RssFile``), reported separately.
 """
@@ -152,10 +153,9 @@ def speed(
     import dsv3tools
 
     ids = torch.randint(5, 4000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    if ours_dir is None:
-        ours = dsv3tools.load_model(bf16_dir, dtype=dtype, materialize=True, attn_impl="auto")
-    else:
-        ours = dsv3tools.load_model(ours_dir, dtype=dtype, attn_impl="auto")
+    ours = dsv3tools.load_model(
+        ours_dir or bf16_dir, dtype=dtype, materialize=ours_dir is None, attn_impl="auto"
+    )
     hf = hf_model(bf16_dir, dtype)
     models, dec = {"ours": ours, "transformers": hf}, _decoders(ours, hf, ids, decode)
     cases = [(n, "prefill", lambda _, m=m: m(ids), None) for n, m in models.items()]

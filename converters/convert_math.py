@@ -4,7 +4,7 @@ or int4 dequantized), and encode it as bf16, fp8 blocks or packed int4. Every en
 whose row counts are multiples of the block/group structure, so the result is bit-identical to the
 whole-tensor reference formulas of ``dsv3tools.quant`` (blocks and groups never straddle bands).
 
-FP8 dequantization (the hot path of fp8 -> bf16) goes through ``dsv3tools.fp8_lut``'s per-block tables."""
+FP8 dequantization (the hot path of fp8 -> bf16) is ``dsv3tools.fp8_lut``'s."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from dsv3tools.fp8_lut import fp8_dequant_lut, fp8_to_float32
-from dsv3tools.quant import INT4_MAX, cdiv, fp8_block_dequant, fp8_block_quant, int4_quant, int4_unpack
+from dsv3tools.fp8_lut import fp8_dequant_into, fp8_dequant_lut
+from dsv3tools.quant import INT4_MAX, cdiv, fp8_block_quant, int4_quant, int4_unpack
 
 BAND_ELEMENTS = 1 << 22  # about 16 MB of float32 per band
 Getter = Callable[[str], torch.Tensor]
@@ -25,39 +25,6 @@ def bands(rows: int, cols: int, align: int = 128) -> Iterator[tuple[int, int]]:
     step = max(align, (BAND_ELEMENTS // max(cols, 1)) // align * align)
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
-
-
-def fp8_dequant_into(
-    q: torch.Tensor,
-    s: torch.Tensor,
-    out: torch.Tensor,
-    block: tuple[int, int],
-    scratch: torch.Tensor | None = None,
-) -> None:
-    """``out[:] = out.dtype(float32(q) * s[i // b0, j // b1])`` for one band (``q`` starts on a block row).
-
-    Whole blocks use one broadcast multiply on a ``[gr, b0, gc, b1]`` view; ragged bands fall back
-    to the reference formula. Both round once, from float32 to ``out.dtype``. ``scratch`` (float32,
-    at least ``q.numel()`` elements) avoids allocating the float32 temporary.
-    """
-    if fp8_dequant_lut(q, s, out, block):
-        return
-    rows, cols = q.shape
-    b0, b1 = block
-    if rows % b0 or cols % b1:
-        out.copy_(fp8_block_dequant(q, s, block, torch.float32))
-        return
-    gr, gc = rows // b0, cols // b1
-    if out.dtype == torch.float32:
-        tmp = out
-    elif scratch is not None:
-        tmp = scratch.view(-1)[: q.numel()].view(rows, cols)
-    else:
-        tmp = torch.empty((rows, cols), dtype=torch.float32)
-    fp8_to_float32(q, tmp)
-    tmp.view(gr, b0, gc, b1).mul_(s.view(gr, 1, gc, 1))
-    if tmp is not out:
-        out.copy_(tmp)
 
 
 class SourceWeight:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3tools.errors import DSV3Error
-from dsv3tools.fp8_lut import fp8_dequant_lut
-from dsv3tools.quant import cdiv, fp8_block_dequant, int4_dequant
+from dsv3tools.fp8_lut import fp8_dequant_into
+from dsv3tools.quant import fp8_block_dequant, int4_dequant
 
 MODEL_BACKENDS = ("auto", "dequant", "torch", "triton")
 UPCAST_MIN_ROWS = 4  # torch's CPU half GEMM costs one weight pass per row; float32 wins from 4 rows
@@ -147,10 +147,10 @@ def fp8_dequant_bf16(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -
     tables (``fp8_lut``, 4-5x faster), elsewhere a broadcast instead of expanding the scale grid when the
     blocks tile the weight exactly."""
     (rows, cols), (b0, b1) = q.shape, block
-    if q.device.type == "cpu" and tuple(s.shape) == (cdiv(rows, b0), cdiv(cols, b1)):
+    if q.device.type == "cpu":
         out = torch.empty((rows, cols), dtype=torch.bfloat16)
-        if fp8_dequant_lut(q, s, out, block):
-            return out
+        fp8_dequant_into(q, s, out, block)
+        return out
     if rows % b0 or cols % b1 or tuple(s.shape) != (rows // b0, cols // b1):
         return fp8_block_dequant(q, s, block, torch.bfloat16)
     w = q.to(torch.float32).view(rows // b0, b0, cols // b1, b1) * s.float()[:, None, :, None]

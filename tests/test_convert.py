@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
 from safetensors.torch import load_file, save_file
 
-from dsv3tools.checkpoint import Checkpoint, TensorInfo
+from dsv3tools.checkpoint import Checkpoint, read_header
 from dsv3tools.converters.convert import ConvertOptions, convert
 from dsv3tools.converters.convert_math import SourceWeight, encode_int4
 from dsv3tools.converters.tensor_io import ShardReader
 from dsv3tools.synth import synthesize
-from tests.conftest import SPEC_INT4_WEIGHTS, raw_tensors, rss_file_kib
+from tests.conftest import ROOT, SPEC_INT4_WEIGHTS, raw_tensors, rss_file_kib, run_cli
 
 E4M3 = torch.float8_e4m3fn
 
@@ -189,9 +188,6 @@ def test_same_format_is_a_copy_and_scale_fmt_change_requantizes(tiny_fp8: Path, 
 
 
 # ---- 3. int4 -------------------------------------------------------------------------------------------
-INT4_WEIGHTS = SPEC_INT4_WEIGHTS
-
-
 @pytest.mark.parametrize("scope", ["experts", "all"])
 def test_int4_read_back_by_compressed_tensors(tiny_fp8: Path, work: Path, scope: str) -> None:
     from compressed_tensors.compressors import PackedQuantizationCompressor
@@ -211,7 +207,7 @@ def test_int4_read_back_by_compressed_tensors(tiny_fp8: Path, work: Path, scope:
     assert qc["config_groups"] == {
         "group_0": {
             "targets": ["Linear"],
-            "weights": INT4_WEIGHTS,
+            "weights": SPEC_INT4_WEIGHTS,
             "input_activations": None,
             "output_activations": None,
         }
@@ -354,14 +350,7 @@ def test_parts_workers_and_dry_run_are_byte_identical(tiny_fp8: Path, work: Path
 def test_reader_release_drops_resident_pages(work: Path) -> None:
     path = work / "release.safetensors"
     save_file({"a": torch.ones(16 << 20), "b": torch.ones(1024)}, path)  # a: 64 MiB
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    infos = {
-        n: TensorInfo(n, path.name, h["dtype"], tuple(h["shape"]), tuple(h["data_offsets"]))
-        for n, h in header.items()
-        if n != "__metadata__"
-    }
-    reader = ShardReader(work, infos)
+    reader = ShardReader(work, read_header(path))
     before = rss_file_kib()
     assert float(reader.get("a").sum()) == 16 << 20  # touches every page
     touched = rss_file_kib()

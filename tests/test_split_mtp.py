@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from dsv3tools.checkpoint import Checkpoint
 from dsv3tools.inspection import inspect_checkpoint
 from dsv3tools.layout import layer_of
 from dsv3tools.synth import synthesize
-from tests.conftest import raw_tensors
+from tests.conftest import raw_tensors, run_cli
 
 
 def test_split_then_merge_is_byte_identical(tiny_fp8: Path, tmp_path: Path) -> None:
