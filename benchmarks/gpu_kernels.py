@@ -6,7 +6,11 @@ then times it against ``torch.matmul`` in bf16 on the same shape and prints time
 speedup over bf16 and the fraction of the card's bf16 matmul rate, measured in the same run on an
 8192^3 bf16 matmul. Rates use the GPU time (calls replayed from a CUDA graph); the eager column is the
 time per call launched from Python, launch overhead included. Where the decode tile heuristic narrows
-BLOCK_N to fill the SMs, the GEMMs are also timed with the wide tile (rows "BLOCK_N=64").
+BLOCK_N to fill the SMs, the GEMMs are also timed with the wide tile (rows "BLOCK_N=64"). int4_gemm's
+other routes are checked and timed beside its default: "int4_gemm tl.dot" (the tl.dot kernel where the
+split-K GEMV is the default, M <= int4.GEMV_MAX_M), "int4_gemv" (the GEMV where the tl.dot kernel is, M up
+to int4.GEMV_ROWS_LIMIT) and "int4_gemm fused" (the tl.dot kernel where dequant + matmul is, M >=
+int4.DEQUANT_MATMUL_MIN_M).
 
     python benchmarks/gpu_kernels.py [--m 1,16,128,4096] [--shapes q_b_proj,o_proj] [--json]
     python benchmarks/gpu_kernels.py --interpret-smoke   # CPU, TRITON_INTERPRET=1, tiny shapes
@@ -144,11 +148,15 @@ def check_shape(wts: dict, m: int, gen) -> tuple[list[str], dict[str, float]]:
     errs = {"fp8_gemm": err}
     if not err <= FP8_GEMM_TOL:
         bad.append(f"fp8_gemm M={m} [{n},{k}] rel err {err:.2e} > {FP8_GEMM_TOL}")
-    got = int4.int4_gemm(x, wts["packed"], wts["scale"], wts["group"], torch.float32)
-    err = rel_err(got, ref.int4_gemm(x, wts["packed"], wts["scale"], wts["group"], torch.float32))
-    errs["int4_gemm"] = err
-    if not err <= INT4_GEMM_TOL:
-        bad.append(f"int4_gemm M={m} [{n},{k}] rel err {err:.2e} > {INT4_GEMM_TOL}")
+    want = ref.int4_gemm(x, wts["packed"], wts["scale"], wts["group"], torch.float32)
+    case = ("int4_gemm", lambda: int4.int4_gemm(x, wts["packed"], wts["scale"], wts["group"], torch.float32))
+    for name, fn, *_ in [case, *_int4_other_routes((*case, 0, 0), wts, x, torch.float32)]:  # fp32 out
+        got = fn()
+        errs[name] = err = rel_err(got, want)
+        if not err <= INT4_GEMM_TOL:
+            bad.append(f"{name} M={m} [{n},{k}] rel err {err:.2e} > {INT4_GEMM_TOL}")
+        if fn is case[1] and m <= int4.GEMV_MAX_M and not torch.equal(got, fn()):  # split-K, no atomics
+            bad.append(f"{name} M={m} [{n},{k}] differs between two calls")
     got = int4.int4_gemm(
         x, wts["packed"], wts["scale"], wts["group"]
     )  # bf16 out (dequant + matmul at M >= 128)
@@ -223,10 +231,9 @@ def _shape_cases(wts: dict, m: int, gen) -> list[tuple[str, Callable[[], object]
             flops,
         ),
     ]
-    if m >= int4.DEQUANT_MATMUL_MIN_M:  # the fused kernel too, for comparison with dequant + matmul
-        _, _, nbytes, fl = cases[3]
-        cases.append(("int4_gemm fused", lambda: _fused(cases[3][1]), nbytes, fl))
-    for is_fp8, (name, fn, nbytes, fl) in zip((True, False), cases[1:4:2], strict=True):
+    cases += _int4_other_routes(cases[3], wts, x)
+    dot = cases[3] if m > int4.GEMV_MAX_M else _int4_dot_case(cases[3])  # the tl.dot kernel's tiles
+    for is_fp8, (name, fn, nbytes, fl) in zip((True, False), (cases[1], dot), strict=True):
         tiles = launch.gemm_tiles(m, n, False, sms=launch.sm_count(dev), fp8=is_fp8)
         if tiles != launch.gemm_tiles(m, n, False):  # narrowed: also time the wide decode tile
             cases.append((name + " BLOCK_N=64", lambda fn=fn: _wide(fn), nbytes, fl))
@@ -242,6 +249,51 @@ def _shape_cases(wts: dict, m: int, gen) -> list[tuple[str, Callable[[], object]
             )
         )
     return cases
+
+
+def _int4_dot_case(case: tuple) -> tuple:
+    name, fn, nbytes, fl = case
+    return (name + " tl.dot", lambda: _tl_dot(fn), nbytes, fl)
+
+
+def _int4_other_routes(
+    case: tuple, wts: dict, x, out_dtype=None
+) -> list[tuple[str, Callable[[], object], int, int]]:
+    """``int4_gemm``'s routes other than its default at x's M (``case`` times the default), for checks and
+    timings beside it: the fused tl.dot kernel beside dequant + matmul (prefill) and beside the GEMV
+    (decode), the GEMV beside the tl.dot kernel for M up to ``GEMV_ROWS_LIMIT``. Only where the group size
+    lets int4_gemm fuse (a multiple of 16)."""
+    from dsv3tools.kernels import int4
+
+    name, fn, nbytes, fl = case
+    m = x.shape[0]
+    if wts["group"] % 16:
+        return []
+    if m >= int4.DEQUANT_MATMUL_MIN_M:
+        return [(name + " fused", lambda: _fused(fn), nbytes, fl)]
+    if m <= int4.GEMV_MAX_M:
+        return [_int4_dot_case(case)]
+    if m <= int4.GEMV_ROWS_LIMIT:
+        return [
+            (
+                "int4_gemv",
+                lambda: int4.int4_gemv(x, wts["packed"], wts["scale"], wts["group"], out_dtype),
+                nbytes,
+                fl,
+            )
+        ]
+    return []
+
+
+def _tl_dot(fn: Callable[[], object]) -> object:
+    """``fn`` with int4_gemm's GEMV route switched off (the tl.dot kernel at decode M)."""
+    from dsv3tools.kernels import int4
+
+    real, int4.GEMV_MAX_M = int4.GEMV_MAX_M, 0
+    try:
+        return fn()
+    finally:
+        int4.GEMV_MAX_M = real
 
 
 def _fused(fn: Callable[[], object]) -> object:
@@ -292,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
         for m in ms:
             bad, errs = check_shape(wts, m, gen)
             failures += [f"{name}: {line}" for line in bad]
-            worst = {key: max(worst.get(key, 0.0), v) for key, v in errs.items()}
+            worst.update({key: max(worst.get(key, 0.0), v) for key, v in errs.items()})
             rows += time_shape(wts, m, bench, peak, gen)
         del wts
     if args.json:

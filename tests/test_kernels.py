@@ -230,6 +230,54 @@ def test_decode_tiles_fill_the_multiprocessors(fp8: bool) -> None:
     assert launch.gemm_tiles(1, 7168, True, sms=132)["BLOCK_N"] == 32  # the interpreter's fixed tiles
 
 
+def test_gemv_split_k_slices_whole_groups_and_fills_the_multiprocessors() -> None:
+    from dsv3tools.kernels import int4
+
+    cdiv = quant.cdiv
+    for n, k, group, sms in [
+        (24576, 1536, 128, 132),
+        (7168, 16384, 128, 132),
+        (2048, 7168, 128, 132),
+        (7168, 2048, 256, 132),
+        (576, 7168, 32, 78),
+        (100, 512, 64, 1),
+        (50000, 1024, 128, 132),
+    ]:
+        t = int4.gemv_tiles(3, n, k, group, False, sms)
+        case = (n, k, group, sms, t)
+        split, slice_k, groups = t["SPLIT_K"], t["STEPS"] * t["BLOCK_K"], k // group
+        assert group % t["BLOCK_K"] == 0 and slice_k % group == 0, case  # one scale per step, whole groups
+        assert (split - 1) * slice_k < k <= split * slice_k, case  # every slice holds columns
+        by_sms = cdiv(int4.GEMV_PROGRAMS_PER_SM * sms, cdiv(n, t["BLOCK_N"]))
+        want = min(groups, max(by_sms, cdiv(k, int4.GEMV_MAX_SLICE)))
+        assert 2 * split > want and split <= want, case  # balanced slices: at least half the wanted count
+        assert slice_k == cdiv(groups, want) * group, case
+        assert t["BLOCK_M"] == 4 and t["BLOCK_N"] * t["BLOCK_K"] == int4.GEMV_TILE, case
+    assert int4.gemv_tiles(1, 40, 128, 128, True, 132)["BLOCK_N"] == 32  # the interpreter's tile
+    with pytest.raises(launch.KernelLaunchError, match="no GEMV tiling"):
+        int4.gemv_tiles(1, 64, 256, 8, False, 132)
+
+
+def test_int4_gemv_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsv3tools.kernels import int4
+
+    for name in [n for n in vars(int4) if n.endswith("_kernel")]:
+        monkeypatch.setattr(int4, name, _Boom())
+    gen = torch.Generator().manual_seed(new_seed())
+    _, packed, scale = int4_weight(gen, 64, 256, 128)
+    _, packed8, scale8 = int4_weight(gen, 64, 256, 8)
+    x = rand(gen, int4.GEMV_ROWS_LIMIT + 1, 256, dtype=torch.bfloat16)
+    for args, needle in [
+        ((x, packed, scale), f"at most {int4.GEMV_ROWS_LIMIT} rows"),
+        ((x[:2], packed8, scale8, 8), "multiple of 16, got 8"),
+        ((x[:2, :128].contiguous(), packed, scale), "K mismatch"),
+        ((x[:2], packed, scale, 64), "group_size 64"),
+        ((x[:2], packed, scale, 128, torch.int8), "out_dtype"),
+    ]:
+        with pytest.raises(launch.KernelLaunchError, match=needle):
+            int4.int4_gemv(*args)
+
+
 def test_torch_backend_linears_flatten_batch_dims() -> None:
     seed = new_seed()
     gen = torch.Generator().manual_seed(seed)
@@ -333,6 +381,53 @@ def kernel_group_int4(seed: int) -> None:
                 )
 
 
+def kernel_group_gemv(seed: int) -> None:
+    """The split-K GEMV at decode M: vs float64 and the twin, split and single-slice, bit-stable."""
+    from dsv3tools.kernels import int4
+
+    gen = torch.Generator().manual_seed(seed)
+    int4.int4_gemm_kernel = _Boom()  # up to GEMV_MAX_M rows int4_gemm must not reach the tl.dot kernel
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for n, k, group, runs in [  # (M, activation dtype) per weight; N ragged for BLOCK_N, K in several slices
+        (40, 512, 128, [(1, bf16), (3, fp32), (int4.GEMV_MAX_M, bf16)]),
+        (56, 192, 32, [(1, fp32), (3, bf16), (int4.GEMV_MAX_M, fp32)]),
+    ]:
+        q, packed, scale = int4_weight(gen, n, k, group)
+        w64 = int4_f64(q, scale)
+        for m, dt in runs:
+            t = int4.gemv_tiles(m, n, k, group, True)
+            check(t["SPLIT_K"] > 1 and n % t["BLOCK_N"] > 0, seed, f"GEMV test shape {n}x{k} tiles {t}")
+            x = rand(gen, m, k, dtype=dt)
+            got = int4.int4_gemm(x, packed, scale, group, fp32)
+            _check_int4_product(got, x, w64, packed, scale, group, seed, f"GEMV M={m} {n}x{k} g{group} {dt}")
+            if m == int4.GEMV_MAX_M:
+                again = int4.int4_gemm(x, packed, scale, group, fp32)
+                check(torch.equal(got, again), seed, f"GEMV M={m} {n}x{k} not deterministic")
+            if m == 3:  # output in the activation dtype: the twin's fp32 result rounded once
+                got16, t16 = int4.int4_gemm(x, packed, scale, group), ref.int4_gemm(x, packed, scale, group)
+                bound = 2 * (k + 4) * 2.0**-24 * (x.double().abs() @ w64.abs().T)
+                ok = got16.dtype == dt and bool(
+                    ((got16.double() - t16.double()).abs() <= t16.double().abs() * 2.0**-7 + bound).all()
+                )
+                check(ok, seed, f"GEMV M={m} {n}x{k} {dt} out")
+    q, packed, scale = int4_weight(gen, 40, 128, 128)  # one group: a single slice, stored without the reduce
+    int4.splitk_reduce_kernel = _Boom()
+    m = int4.GEMV_ROWS_LIMIT
+    check(int4.gemv_tiles(m, 40, 128, 128, True)["SPLIT_K"] == 1, seed, "single-slice GEMV shape")
+    x = rand(gen, m, 128, dtype=torch.bfloat16)
+    got = int4.int4_gemv(x, packed, scale, 128, fp32)
+    _check_int4_product(got, x, int4_f64(q, scale), packed, scale, 128, seed, f"int4_gemv M={m} one slice")
+
+
+def _check_int4_product(got, x, w64, packed, scale, group, seed: int, what: str) -> None:
+    """fp32 result within fp32 summation-order error of float64 math, and of the float32 twin."""
+    got, k = got.double(), x.shape[1]
+    bound = (k + 4) * 2.0**-24 * (x.double().abs() @ w64.abs().T) + 1e-30
+    check(bool(((got - x.double() @ w64.T).abs() <= bound).all()), seed, f"{what} vs float64")
+    twin = ref.int4_gemm(x, packed, scale, group, torch.float32).double()
+    check(bool(((got - twin).abs() <= 2 * bound).all()), seed, f"{what} vs twin")
+
+
 def kernel_group_dispatch(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     q, s = fp8_weight(gen, 576, 256)
@@ -353,7 +448,12 @@ def kernel_group_dispatch(seed: int) -> None:
     check(a.shape == (2, 3, 64) and bool(((a - b).abs() <= bound).all()), seed, "int4_linear backends")
 
 
-GROUPS = {"fp8": kernel_group_fp8, "int4": kernel_group_int4, "dispatch": kernel_group_dispatch}
+GROUPS = {
+    "fp8": kernel_group_fp8,
+    "int4": kernel_group_int4,
+    "gemv": kernel_group_gemv,
+    "dispatch": kernel_group_dispatch,
+}
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
