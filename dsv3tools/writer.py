@@ -295,6 +295,7 @@ def execute(
     on_shard: Callable[[ShardPlan, int], None] | None = None,
 ) -> dict:
     """Write every shard not yet finished (of ``part`` if given); without ``part`` also finish the folder.
+    ``workers`` > 1 forked processes take the shards largest first (on_shard reports them in that order).
 
     Returns ``{"written": [...], "skipped": [...], "complete": bool, "bytes": int}``.
     """
@@ -315,7 +316,8 @@ def execute(
         if workers > 1 and len(todo) > 1:
             _FORK_JOB = job
             with mp.get_context("fork").Pool(min(workers, len(todo))) as pool:
-                idx = [job.shards.index(s) for s in todo]
+                # largest first: the last shard to start is a small one, so the workers finish together
+                idx = sorted((job.shards.index(s) for s in todo), key=lambda i: -job.shards[i].nbytes)
                 for i, size in zip(idx, pool.imap(_fork_worker, idx), strict=True):
                     written(job.shards[i], size)
         else:

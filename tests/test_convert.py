@@ -324,8 +324,10 @@ def test_parts_workers_and_dry_run_are_byte_identical(tiny_fp8: Path, work: Path
     plan = convert(tiny_fp8, work / "p-dry", ConvertOptions("int4"), dry_run=True)
     assert not (work / "p-dry").exists()
     convert(tiny_fp8, ref, ConvertOptions("int4"))
-    convert(tiny_fp8, multi, ConvertOptions("int4"), workers=2)
+    order: list[int] = []
+    convert(tiny_fp8, multi, ConvertOptions("int4"), workers=2, on_shard=lambda s, n: order.append(s.nbytes))
     assert folder_digest(multi) == folder_digest(ref)
+    assert len(order) > 2 and order == sorted(order, reverse=True)  # workers take the largest shards first
     r1 = convert(tiny_fp8, parts, ConvertOptions("int4"), part=(1, 2))
     assert (
         not r1["complete"]
