@@ -253,7 +253,7 @@ DEQUANT_MATMUL_MIN_M = 128
 """Rows from which ``int4_gemm`` dequantizes the weight and calls ``torch.matmul`` (bf16/fp16 only)."""
 GEMV_MAX_M = 4
 """Rows up to which ``int4_gemm`` takes the split-K GEMV ``int4_gemv`` (0: the tl.dot kernel at every M). On
-an H200 the GEMV ran 2.5-3.5x the tl.dot kernel's speed at M = 1, 1.0-1.9x at M = 4 and 0.4-1.2x at M = 8
+an H200 the GEMV ran 2.8-3.5x the tl.dot kernel's speed at M = 1, 1.0-1.9x at M = 4 and 0.4-1.25x at M = 8
 (``benchmarks/gpu_gemv_sweep.py``, benchmarks/RESULTS.md)."""
 GEMV_ROWS_LIMIT = 16
 """Most rows ``int4_gemv`` accepts: its kernel unrolls the row loop (one compiled variant per row count)."""
