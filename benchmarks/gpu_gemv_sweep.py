@@ -1,12 +1,12 @@
-"""Tune the int4 split-K GEMV (``kernels/int4.py``) on a GPU: its two knobs, checked and timed. Run by hand.
+"""Tune the int4 split-K GEMV (``kernels/int4.py``) on a GPU: its tiling knobs, checked and timed. Run by hand.
 
 For DeepSeek-V3's real Linear shapes at decode sizes (M = 1, 4, 8) it times, with CUDA-graph replays
 (``do_bench_cudagraph``, median), bf16 ``torch.matmul``, the tl.dot W4A16 kernel (``GEMV_MAX_M = 0``)
-and the GEMV for every ``GEMV_TILE`` (BLOCK_N x BLOCK_K) x ``GEMV_PROGRAMS_PER_SM`` (how far K is split)
-pair; each GEMV result is first compared with the PyTorch twin (max |diff| / max |twin|, fp32 out).
+and the GEMV for every combination of ``GEMV_TILE`` (BLOCK_N x BLOCK_K), ``GEMV_PROGRAMS_PER_SM`` and
+``GEMV_MAX_SLICE`` (the two limits that set how far K is split); each GEMV result is first compared with the PyTorch twin (max |diff| / max |twin|, fp32 out).
 Prints one row per case with GB/s of int4 weight read and the speed-up over bf16 and over tl.dot.
 
-    python benchmarks/gpu_gemv_sweep.py [--m 1,4,8] [--tiles 4096,8192,16384] [--per-sm 2,4,8]
+    python benchmarks/gpu_gemv_sweep.py [--m 1,4,8] [--tiles 8192] [--per-sm 2,4,8] [--max-slice 2048]
     python benchmarks/gpu_gemv_sweep.py --interpret-smoke   # CPU, TRITON_INTERPRET=1, tiny shapes
 
 Exit codes: 0 every GEMV matched its twin; 1 one did not; 2 no CUDA device (without ``--interpret-smoke``).
@@ -15,12 +15,10 @@ Exit codes: 0 every GEMV matched its twin; 1 one did not; 2 no CUDA device (with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 
-from gpu_kernels import SHAPES, make_weights, rel_err, timer
+from gpu_kernels import SHAPES, int4_settings, make_weights, rel_err, timer
 
 SMOKE_SHAPES = {"small": (100, 512)}
 TOL = 1e-3
@@ -30,21 +28,6 @@ def gpu_ms(bench, fn) -> float:
     """Milliseconds per call: the CUDA-graph replay time, or the eager time where capture failed (NaN)."""
     eager, graph = bench(fn)
     return eager if graph != graph else graph
-
-
-@contextlib.contextmanager
-def knobs(**values: int) -> Iterator[None]:
-    """Set module constants of ``dsv3tools.kernels.int4`` for the duration."""
-    from dsv3tools.kernels import int4
-
-    old = {k: getattr(int4, k) for k in values}
-    for k, v in values.items():
-        setattr(int4, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(int4, k, v)
 
 
 def sweep_shape(wts: dict, m: int, args: argparse.Namespace, bench, gen) -> tuple[list[dict], list[str]]:
@@ -61,7 +44,7 @@ def sweep_shape(wts: dict, m: int, args: argparse.Namespace, bench, gen) -> tupl
     w_bytes = n * k // 2 + 2 * wts["scale"].numel()
     rows, bad = [], []
     base = gpu_ms(bench, lambda: torch.matmul(x, wts["w_bf16"].T))
-    with knobs(GEMV_MAX_M=0):
+    with int4_settings(GEMV_MAX_M=0):
         dot = gpu_ms(bench, call)
     rows.append({"N": n, "K": k, "M": m, "case": "bf16 torch.matmul", "ms": base, "bytes": 2 * n * k})
     rows.append({"N": n, "K": k, "M": m, "case": "int4 tl.dot kernel", "ms": dot, "bytes": w_bytes})
@@ -72,7 +55,7 @@ def sweep_shape(wts: dict, m: int, args: argparse.Namespace, bench, gen) -> tupl
         for s in args.max_slice.split(",")
     ]
     for tile, per_sm, max_slice in variants:
-        with knobs(
+        with int4_settings(
             GEMV_TILE=tile, GEMV_PROGRAMS_PER_SM=per_sm, GEMV_MAX_SLICE=max_slice, GEMV_MAX_M=max(m, 1)
         ):
             err = rel_err(int4.int4_gemm(x, wts["packed"], wts["scale"], wts["group"], torch.float32), want)

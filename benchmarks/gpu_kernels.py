@@ -285,26 +285,31 @@ def _int4_other_routes(
     return []
 
 
-def _tl_dot(fn: Callable[[], object]) -> object:
-    """``fn`` with int4_gemm's GEMV route switched off (the tl.dot kernel at decode M)."""
+@contextlib.contextmanager
+def int4_settings(**values: int) -> Iterator[None]:
+    """Set module constants of ``dsv3tools.kernels.int4`` (routes, GEMV tiling) for the duration."""
     from dsv3tools.kernels import int4
 
-    real, int4.GEMV_MAX_M = int4.GEMV_MAX_M, 0
+    old = {k: getattr(int4, k) for k in values}
+    for k, v in values.items():
+        setattr(int4, k, v)
     try:
-        return fn()
+        yield
     finally:
-        int4.GEMV_MAX_M = real
+        for k, v in old.items():
+            setattr(int4, k, v)
+
+
+def _tl_dot(fn: Callable[[], object]) -> object:
+    """``fn`` with int4_gemm's GEMV route switched off (the tl.dot kernel at decode M)."""
+    with int4_settings(GEMV_MAX_M=0):
+        return fn()
 
 
 def _fused(fn: Callable[[], object]) -> object:
     """``fn`` with int4_gemm's dequant + matmul route switched off (the fused W4A16 kernel at any M)."""
-    from dsv3tools.kernels import int4
-
-    real, int4.DEQUANT_MATMUL_MIN_M = int4.DEQUANT_MATMUL_MIN_M, 1 << 62
-    try:
+    with int4_settings(DEQUANT_MATMUL_MIN_M=1 << 62):
         return fn()
-    finally:
-        int4.DEQUANT_MATMUL_MIN_M = real
 
 
 def _wide(fn: Callable[[], object]) -> object:
