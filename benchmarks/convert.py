@@ -51,7 +51,7 @@ def naive(model: Path, out: Path, to: str) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from dsv3tools.quant import fp8_block_dequant, int4_pack, int4_quant
+    from dsv3tools.quant.reference import fp8_block_dequant, int4_pack, int4_quant
 
     out.mkdir(parents=True)
     index = json.loads((model / "model.safetensors.index.json").read_text())
@@ -125,7 +125,7 @@ def timed(cmd: list[str]) -> dict:
 
 def ensure(path: Path, layers: int, experts: int, vocab: int | None, shard_bytes: int) -> Path:
     if not (path / "config.json").is_file():
-        from dsv3tools.synth import synthesize
+        from dsv3tools.checkpoint.synth import synthesize
 
         over = {"vocab_size": vocab} if vocab else None
         synthesize(

@@ -1,6 +1,6 @@
-"""Download throughput benchmark: ``dsv3tools.download`` (plan + disk check + parallel fetch + sha256
+"""Download throughput benchmark: ``dsv3tools.hub.download`` (plan + disk check + parallel fetch + sha256
 verification of every file) against plain ``huggingface_hub.snapshot_download`` on the same local
-hub server (``dsv3tools.hubserver``, run in its own process) in the same run. Target: ratio >= 0.9.
+hub server (``dsv3tools.hub.server``, run in its own process) in the same run. Target: ratio >= 0.9.
 
 Run by hand:  python benchmarks/download.py [--files 32] [--mb 32] [--workers 8] [--repeats 3] [--json]
 
@@ -37,7 +37,7 @@ def make_repo(root: Path, files: int, mb: int) -> int:
 
 
 def _serve(root: str, q: mp.Queue) -> None:
-    from dsv3tools.hubserver import HubServer
+    from dsv3tools.hub.server import HubServer
 
     server = HubServer({REPO: Path(root)}).start()
     q.put(server.endpoint)
@@ -45,7 +45,7 @@ def _serve(root: str, q: mp.Queue) -> None:
 
 
 def run_ours(endpoint: str, out: Path, cache: Path, workers: int) -> float:
-    from dsv3tools import download as dl
+    from dsv3tools.hub import download as dl
 
     t = time.perf_counter()
     res = dl.download(REPO, local_dir=out, endpoint=endpoint, cache_dir=cache, max_workers=workers)

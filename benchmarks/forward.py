@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.checkpoint.reader import Checkpoint
+from dsv3tools.checkpoint.synth import synthesize
 from dsv3tools.converters.convert import ConvertOptions, convert
-from dsv3tools.synth import synthesize
 
 MEM_SCRIPT = """
 import json, sys, psutil, torch, dsv3tools
@@ -195,7 +195,7 @@ def memory(path: Path, offload: bool) -> dict:
 def offload_check(workdir: Path, layers: int, experts: int, tokens: int, steps: int, threads: int) -> dict:
     """Peak anonymous memory of a streamed (offload) prefill + decode on a real-shape checkpoint against
     two of its largest decoder layers plus the KV cache."""
-    from dsv3tools.layout import layer_of
+    from dsv3tools.checkpoint.layout import layer_of
 
     path = workdir / f"real-shape-{layers}x{experts}"
     if not (path / "config.json").is_file():

@@ -36,8 +36,8 @@ KL_SHARE = 0.25  # fp8 paths: KL from the CPU twin below this share of the activ
 
 def checkpoints(workdir: Path, preset: str) -> dict[str, Path]:
     """fp8 (synthesized), bf16 and int4 (converted) checkpoints of ``preset`` under ``workdir``."""
+    from dsv3tools.checkpoint.synth import synthesize
     from dsv3tools.converters.convert import ConvertOptions, convert
-    from dsv3tools.synth import synthesize
 
     fp8 = workdir / f"{preset}-fp8"
     if not (fp8 / "model.safetensors.index.json").exists():
@@ -56,7 +56,7 @@ def checkpoints(workdir: Path, preset: str) -> dict[str, Path]:
 @torch.inference_mode()
 def logits_of(path: Path, device: str, backend: str, dtype: torch.dtype, ids: torch.Tensor) -> dict:
     """Full-sequence logits, cached logits of positions t-5..t-2 (a prefill, then 3 one-token steps), MTP logits."""
-    from dsv3tools.model_io import load_model
+    from dsv3tools.model.api import load_model
 
     m = load_model(path, device=device, dtype=dtype, backend=backend)
     ids = ids.to(device)
@@ -143,9 +143,9 @@ def trained_tiny(path: Path, workdir: Path, dev: str, out: Checks) -> None:
     summation order can flip an e4m3 rounding, then a routing choice), so the fp8 paths on CUDA are held to
     a KL from the CPU twin below a quarter of the KL that activation quantization itself causes (twin vs
     exact dequant, same inputs), and top-1 >= 0.95; int4 (converted here) agrees to summation order."""
+    from dsv3tools.checkpoint.tokenizer import encode, load_tokenizer
     from dsv3tools.converters.convert import ConvertOptions, convert
     from dsv3tools.evals.corpus import CorpusConfig, sample_lines
-    from dsv3tools.generate import encode, load_tokenizer
 
     int4 = workdir / "trained-int4"
     if not (int4 / "model.safetensors.index.json").exists():
@@ -199,7 +199,7 @@ def speed(
     workdir: Path, prompt_len: int, batch: int, decode: int, runs: int, dev: str = "cuda"
 ) -> list[dict]:
     """Prefill and decode tokens/s on CUDA (bf16 compute) per weight format and backend."""
-    from dsv3tools.model_io import load_model
+    from dsv3tools.model.api import load_model
 
     cks = checkpoints(workdir, "small")
     vocab = 4000

@@ -102,7 +102,7 @@ def make_weights(n: int, k: int, device: str, gen) -> dict:
     """Random FP8 block-quantized and int4 pack-quantized weights of shape [n, k] (no quantizer needed)."""
     import torch
 
-    from dsv3tools.quant import cdiv
+    from dsv3tools.quant.reference import cdiv
 
     w = torch.randn(n, k, generator=gen, device=device, dtype=torch.float32) * 0.02
     q = (torch.randn(n, k, generator=gen, device=device) * 96).clamp(-448, 448).to(torch.float8_e4m3fn)

@@ -1,7 +1,7 @@
 """``convert``: any of fp8 blocks / bf16 / int4 (compressed-tensors pack-quantized W4A16) to any other,
 streaming tensor by tensor from mmap into output shards that follow the input shard boundaries (output
 shard i holds the weights whose main tensor sits in input shard i), so ``--part K/N`` splits the work by
-shard, a re-run resumes shard by shard (``dsv3tools.writer``), and peak memory is about one tensor.
+shard, a re-run resumes shard by shard (``dsv3tools.checkpoint.writer``), and peak memory is about one tensor.
 
 Per logical weight: non-linear tensors and unquantizable linears (eh_proj) are byte copies; a
 quantizable linear whose source format and options equal the target is a byte copy too; otherwise its
@@ -21,13 +21,9 @@ from pathlib import Path
 
 import torch
 
-from dsv3tools.checkpoint import Checkpoint
-from dsv3tools.converters.convert_math import BAND_ELEMENTS, SourceWeight, encode_fp8, encode_int4, rel_error
-from dsv3tools.converters.tensor_io import Location, ShardReader, write_shard_streaming
-from dsv3tools.errors import DSV3Error
-from dsv3tools.layout import Weight, storage
-from dsv3tools.linear import TENSOR_SUFFIXES
-from dsv3tools.writer import (
+from dsv3tools.checkpoint.layout import TENSOR_SUFFIXES, Weight, storage
+from dsv3tools.checkpoint.reader import Checkpoint
+from dsv3tools.checkpoint.writer import (
     OutSpec,
     ShardPlan,
     WriteJob,
@@ -36,6 +32,9 @@ from dsv3tools.writer import (
     plan_fingerprint,
     shard_name,
 )
+from dsv3tools.converters.tensor_io import Location, ShardReader, write_shard_streaming
+from dsv3tools.errors import DSV3Error
+from dsv3tools.quant.bands import BAND_ELEMENTS, SourceWeight, encode_fp8, encode_int4, rel_error
 
 FORMATS = ("bf16", "fp8", "int4")
 BLOCK = (128, 128)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.checkpoint.layout import layer_of
+from dsv3tools.checkpoint.reader import Checkpoint
+from dsv3tools.checkpoint.writer import OutSpec, ShardPlan, WriteJob, execute, non_weight_files, shard_name
 from dsv3tools.converters.convert import source_fingerprint
 from dsv3tools.converters.tensor_io import ShardReader
 from dsv3tools.errors import DSV3Error
-from dsv3tools.layout import layer_of
-from dsv3tools.writer import OutSpec, ShardPlan, WriteJob, execute, non_weight_files, shard_name
 
 PART_KEY = "dsv3tools_part"
 

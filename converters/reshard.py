@@ -30,11 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsv3tools.checkpoint import Checkpoint, TensorInfo
-from dsv3tools.config import ModelConfig
-from dsv3tools.errors import DSV3Error
-from dsv3tools.layout import layer_of
-from dsv3tools.writer import (
+from dsv3tools.checkpoint.layout import layer_of
+from dsv3tools.checkpoint.reader import Checkpoint, TensorInfo
+from dsv3tools.checkpoint.writer import (
     DEFAULT_SHARD_BYTES,
     OutSpec,
     ShardPlan,
@@ -43,6 +41,8 @@ from dsv3tools.writer import (
     non_weight_files,
     plan_shards,
 )
+from dsv3tools.config import ModelConfig
+from dsv3tools.errors import DSV3Error
 
 from .placement import load_expert_loads, plan_placement, sglang_expert_location, uniform_loads
 from .reshard_deepseek import contiguous_phy2log, demo_config, demo_name
@@ -384,6 +384,6 @@ def reshard(
 
 
 def _placement_fingerprint(placement: dict) -> str:
-    from dsv3tools.writer import plan_fingerprint
+    from dsv3tools.checkpoint.writer import plan_fingerprint
 
     return plan_fingerprint({k: v["phy2log"] for k, v in placement["layers"].items()})

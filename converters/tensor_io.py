@@ -8,7 +8,7 @@ A consumer that is done with a tensor can ``release`` it (``MADV_DONTNEED``): it
 process's resident set (they stay in the page cache), so resident memory holds the tensors in use, not
 the whole of the open shards.
 
-``write_shard_streaming`` writes one output shard exactly as ``dsv3tools.writer.write_shard`` does (same
+``write_shard_streaming`` writes one output shard exactly as ``dsv3tools.checkpoint.writer.write_shard`` does (same
 bytes, same temporary name; the executor makes it durable and renames it) but faster for conversions:
 byte-copied tensors go file to file in the kernel (``copy_file_range`` as ``cp`` does, ``sendfile`` across file
 systems), produced tensors are written with one ``pwrite`` each from an I/O thread while the next tensor is
@@ -28,10 +28,18 @@ from pathlib import Path
 
 import torch
 
-from dsv3tools.checkpoint import TensorInfo
+from dsv3tools.checkpoint.fsutil import start_writeback
+from dsv3tools.checkpoint.reader import TensorInfo
+from dsv3tools.checkpoint.writer import (
+    ST_DTYPES,
+    TORCH_DTYPES,
+    OutSpec,
+    ShardPlan,
+    header_bytes,
+    tensor_bytes,
+    tmp_path,
+)
 from dsv3tools.errors import DSV3Error
-from dsv3tools.fsutil import start_writeback
-from dsv3tools.writer import ST_DTYPES, TORCH_DTYPES, OutSpec, ShardPlan, header_bytes, tensor_bytes, tmp_path
 
 Location = tuple[Path, int, int]  # source file, byte offset, byte count
 

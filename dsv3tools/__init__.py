@@ -13,7 +13,7 @@ __all__ = ["__version__", "load_model"]
 
 def __getattr__(name: str) -> Any:
     if name == "load_model":
-        from dsv3tools.model_io import load_model
+        from dsv3tools.model.api import load_model
 
         return load_model
     raise AttributeError(f"module 'dsv3tools' has no attribute {name!r}")

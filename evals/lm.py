@@ -77,7 +77,7 @@ class DSV3LM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise DSV3Error("DSV3LM needs pretrained=DIR or model=<loaded Transformer>")
-            from dsv3tools.model_io import load_model
+            from dsv3tools.model.api import load_model
 
             model = load_model(pretrained, device=device, dtype=_torch_dtype(dtype))
             dequantize_small(model)
@@ -226,7 +226,7 @@ def dequantize_small(model: Any, max_bytes: int = 2**30) -> bool:
     """Replace FP8/int4 linear weights by their dequantized ``model.dtype`` values once, instead of per use,
     when they fit in ``max_bytes``. Numerically identical to the dequantizing backend (same function, same
     rounding); a no-op for big models or other backends. True if it dequantized."""
-    from dsv3tools.linear import Linear
+    from dsv3tools.model.linear import Linear
 
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.fmt in ("fp8", "int4")]
     if getattr(model, "backend", "dequant") != "dequant" or getattr(model, "streamer", None) is not None:

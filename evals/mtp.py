@@ -167,9 +167,9 @@ def bench(model, prompts: list[list[int]], max_new_tokens: int, k: int) -> dict:
 def randomize_mtp(model, seed: int = 0) -> None:
     """Replace the MTP layers' own weights by fresh random ones (``synth.random_weight``), keeping their
     embedding and head copies: the same model with an untrained MTP module, the acceptance baseline."""
-    from dsv3tools.layout import layer_of, model_weights
-    from dsv3tools.model_io import attach
-    from dsv3tools.synth import random_weight
+    from dsv3tools.checkpoint.layout import layer_of, model_weights
+    from dsv3tools.checkpoint.synth import random_weight
+    from dsv3tools.model.loading import attach
 
     mtp = set(model.config.mtp_layers)
     for w in model_weights(model.config):

@@ -58,8 +58,8 @@ class TrainConfig:
 
 def model_config(cfg: TrainConfig):
     """The tiny preset cut to ``cfg.layers`` main layers (FP8 quantization config, as saved)."""
+    from dsv3tools.checkpoint.synth import preset_config
     from dsv3tools.config import ModelConfig
-    from dsv3tools.synth import preset_config
 
     return ModelConfig.from_dict(preset_config("tiny", layers=cfg.layers))
 
@@ -67,7 +67,7 @@ def model_config(cfg: TrainConfig):
 def _tokenizer():
     from tokenizers import Tokenizer
 
-    from dsv3tools.tokenizer_files import tokenizer_files
+    from dsv3tools.checkpoint.tokenizer import tokenizer_files
 
     return Tokenizer.from_str(tokenizer_files()["tokenizer.json"].decode())
 
@@ -136,13 +136,13 @@ def _threads(n: int) -> Iterator[None]:
 
 def train(cfg: TrainConfig):
     """Train from scratch; returns (model, report dict)."""
-    from dsv3tools.model import Transformer
+    from dsv3tools.model.saving import random_model
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     mcfg = model_config(cfg)
-    model = Transformer.init_random(mcfg, dtype=torch.float32, seed=cfg.seed).train()
+    model = random_model(mcfg, dtype=torch.float32, seed=cfg.seed).train()
     model.set_attn_impl("naive")  # same function as the absorbed path; faster to train
     for counts_layer in model.routing_counts():
         model.model.layers[str(counts_layer)].mlp.gate.e_score_correction_bias.zero_()
@@ -196,9 +196,9 @@ def evaluate_heldout(model, cfg: TrainConfig, train_data: torch.Tensor) -> dict:
 
 def train_and_save(out: str | Path, cfg: TrainConfig | None = None) -> dict:
     """Train and write ``out`` as an FP8 checkpoint with the byte-level tokenizer and ``train_report.json``."""
-    from dsv3tools.fsutil import atomic_write_json
-    from dsv3tools.model_io import save_checkpoint
-    from dsv3tools.tokenizer_files import tokenizer_files
+    from dsv3tools.checkpoint.fsutil import atomic_write_json
+    from dsv3tools.checkpoint.tokenizer import tokenizer_files
+    from dsv3tools.model.saving import save_checkpoint
 
     cfg = cfg or TrainConfig()
     with _threads(cfg.threads):

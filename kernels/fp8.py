@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from dsv3tools.kernels import launch
-from dsv3tools.quant import cdiv
+from dsv3tools.quant.reference import cdiv
 
 
 @triton.jit

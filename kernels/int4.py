@@ -25,7 +25,7 @@ import triton.language as tl
 
 from dsv3tools.kernels import launch
 from dsv3tools.kernels.fp8 import INTERPRETED, exact_cast
-from dsv3tools.quant import cdiv
+from dsv3tools.quant.reference import cdiv
 
 
 @triton.jit

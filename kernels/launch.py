@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from dsv3tools.errors import DSV3Error
-from dsv3tools.quant import cdiv
+from dsv3tools.quant.reference import cdiv
 
 BLOCK = 128
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

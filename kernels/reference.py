@@ -1,7 +1,7 @@
 """Pure-PyTorch twins of the Triton kernels: same signatures, same math, float32 arithmetic.
 
 These are the ``backend="torch"`` implementations and the references the kernel tests compare
-against. They reuse :mod:`dsv3tools.quant` for the weight formats (FP8 128x128 block scales,
+against. They reuse :mod:`dsv3tools.quant.reference` for the weight formats (FP8 128x128 block scales,
 compressed-tensors int4) and run on any device. Arguments go through the same launcher checks as the
 kernels, so a bad call fails the same way on both backends.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dsv3tools.kernels import launch
-from dsv3tools.quant import FP8_MAX, cdiv, fp8_block_dequant, int4_dequant, round_scale_ue8m0
+from dsv3tools.quant.reference import FP8_MAX, cdiv, fp8_block_dequant, int4_dequant, round_scale_ue8m0
 
 AMAX_FLOOR = 1e-4
 
@@ -72,7 +72,7 @@ def fp8_gemm(
 def _int4_dequant(
     packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
 ) -> torch.Tensor:
-    """:func:`dsv3tools.quant.int4_dequant` on any device (``quant.int4_unpack`` builds its shifts on CPU)."""
+    """:func:`dsv3tools.quant.reference.int4_dequant` on any device (``quant.int4_unpack`` builds its shifts on CPU)."""
     if packed.device.type == "cpu":
         return int4_dequant(packed, scale, shape, dtype=dtype)
     n, k = shape

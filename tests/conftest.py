@@ -7,11 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from dsv3tools.synth import synthesize
-
 ROOT = Path(__file__).resolve().parents[1]
+# `python -m pytest` puts the repository root first on sys.path, where the source folders kernels/ and
+# evals/ would shadow the PyPI packages of those names (transformers imports `kernels`): the root moves to
+# the end (the package itself is installed; only `tests.*` is imported from the root).
+_ROOT_ENTRIES = [p for p in sys.path if Path(p or ".").resolve() == ROOT]
+sys.path[:] = [p for p in sys.path if p not in _ROOT_ENTRIES] + _ROOT_ENTRIES
+
+import pytest  # noqa: E402
+
+from dsv3tools.checkpoint.synth import synthesize  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +64,7 @@ def tiny_wide_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def raw_tensors(folder: Path) -> dict[str, bytes]:
     """Every stored tensor's bytes, read straight from the shard files through their headers."""
-    from dsv3tools.checkpoint import Checkpoint
+    from dsv3tools.checkpoint.reader import Checkpoint
 
     ck = Checkpoint(folder)
     out = {}

@@ -1,5 +1,5 @@
 """torchrun worker for tests/test_distributed.py: loads this rank's part of a resharded checkpoint through
-``dsv3tools.distributed.load_resharded`` and, on rank 0, saves the logits of a fixed batch (full forward,
+``dsv3tools.model.distributed.load_resharded`` and, on rank 0, saves the logits of a fixed batch (full forward,
 KV-cache decoding, the MTP module) and the routing counts to ``OUT``.
 
 Usage: ``torchrun --nproc-per-node N tests/dist_worker.py RESHARDED_DIR OUT``
@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dsv3tools.distributed import load_resharded
+from dsv3tools.model.distributed import load_resharded
 
 
 def batch(vocab: int) -> torch.Tensor:

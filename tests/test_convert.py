@@ -18,17 +18,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3tools.checkpoint import Checkpoint, read_header
+from dsv3tools.checkpoint.reader import Checkpoint, read_header
+from dsv3tools.checkpoint.synth import synthesize
 from dsv3tools.converters.convert import ConvertOptions, convert
-from dsv3tools.converters.convert_math import SourceWeight, encode_int4
 from dsv3tools.converters.tensor_io import ShardReader
-from dsv3tools.synth import synthesize
+from dsv3tools.quant.bands import SourceWeight, encode_int4
 from tests.conftest import ROOT, SPEC_INT4_WEIGHTS, raw_tensors, rss_file_kib, run_cli
 
 E4M3 = torch.float8_e4m3fn
 
 
-# ---- independent references (deliberately not dsv3tools.quant) -------------------------------------
+# ---- independent references (deliberately not dsv3tools.quant.reference) -------------------------------------
 def ref_fp8_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """float32 w[i, j] = float(q[i, j]) * s[i // 128, j // 128], block by block."""
     out = torch.empty(q.shape, dtype=torch.float32)

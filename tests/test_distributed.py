@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from dsv3tools.converters.reshard import ReshardOptions, reshard
-from dsv3tools.distributed import is_resharded, load_resharded
-from dsv3tools.distributed_modules import ExpertParallelMoE
 from dsv3tools.errors import DSV3Error
-from dsv3tools.model_io import load_model
+from dsv3tools.model.api import load_model
+from dsv3tools.model.distributed import is_resharded, load_resharded
+from dsv3tools.model.parallel import ExpertParallelMoE
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))

@@ -1,4 +1,4 @@
-"""`dsv3tools download` against a local hub-compatible server (dsv3tools.hubserver): subsets,
+"""`dsv3tools download` against a local hub-compatible server (dsv3tools.hub.server): subsets,
 byte identity, resume after a kill, verification and re-fetch, free-disk and unreachable-hub errors."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from dsv3tools import download as dl
 from dsv3tools.errors import DSV3Error
-from dsv3tools.hubserver import HubServer
+from dsv3tools.hub import download as dl
+from dsv3tools.hub.server import HubServer
 
 REPO = "deepseek-ai/DeepSeek-V3"
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ SMALL = {"config.json", "model.safetensors.index.json", "tokenizer.json", "token
 @pytest.fixture(scope="module")
 def repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny synthetic checkpoint cut into ~1 MB shards (8 shards, layers 0-2 + MTP layer 3)."""
-    from dsv3tools.synth import synthesize
+    from dsv3tools.checkpoint.synth import synthesize
 
     out = tmp_path_factory.mktemp("hubrepo") / "DeepSeek-V3"
     synthesize(out, "tiny", seed=0, max_shard_bytes=1 << 20)

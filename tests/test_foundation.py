@@ -13,15 +13,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.checkpoint.reader import Checkpoint
+from dsv3tools.checkpoint.synth import preset_config, synthesize
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
-from dsv3tools.synth import preset_config, synthesize
 from tests.conftest import rss_file_kib, run_cli
 
 
 def _spec_names(cfg: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """SPEC sec. 3 written out independently of dsv3tools.layout: name -> (dtype, shape) for an FP8 release."""
+    """SPEC sec. 3 written out independently of dsv3tools.checkpoint.layout: name -> (dtype, shape) for an FP8 release."""
     h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -151,8 +151,8 @@ def test_synth_is_deterministic(tmp_path: Path, tiny_fp8: Path) -> None:
 
 def test_synth_fp8_follows_formula(tiny_fp8: Path, tiny_bf16: Path) -> None:
     """Codes and scales of the fp8 preset are the SPEC recipe applied to the float32 values (float64 check)."""
-    from dsv3tools.layout import model_weights
-    from dsv3tools.synth import random_weight
+    from dsv3tools.checkpoint.layout import model_weights
+    from dsv3tools.checkpoint.synth import random_weight
 
     ck = Checkpoint(tiny_fp8)
     w = next(w for w in model_weights(ck.config) if w.name.endswith("layers.1.self_attn.kv_a_proj_with_mqa"))
@@ -284,7 +284,7 @@ def test_usage_errors_exit_2_without_traceback(argv: list[str], said: str) -> No
 def test_batched_finish_keeps_written_shards_when_a_later_one_fails(tmp_path: Path) -> None:
     """Shards become final in batches; a failure mid-run still finalizes (durable, renamed, recorded) the
     shards written before it, never leaves one partial under its final name, and a re-run skips them."""
-    from dsv3tools.writer import OutSpec, WriteJob, execute, plan_shards
+    from dsv3tools.checkpoint.writer import OutSpec, WriteJob, execute, plan_shards
 
     specs = [OutSpec(f"t{i}", "F32", (64,), key=i) for i in range(6)]
     shards = plan_shards(specs, max_shard_bytes=2 * 256)  # 3 shards of 2 tensors

@@ -13,10 +13,11 @@ import pytest
 import torch
 from test_model import write_bf16_conversion, write_int4
 
+from dsv3tools.checkpoint.tokenizer import encode, load_tokenizer
 from dsv3tools.cli import main
-from dsv3tools.compare import logit_stats
-from dsv3tools.generate import encode, generate, load_tokenizer
-from dsv3tools.model_io import load_model
+from dsv3tools.model.api import load_model
+from dsv3tools.model.compare import logit_stats
+from dsv3tools.model.generate import generate
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3tools import quant
 from dsv3tools.errors import DSV3Error
 from dsv3tools.kernels import dispatch, launch
 from dsv3tools.kernels import reference as ref
+from dsv3tools.quant import reference as quant
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8 = torch.float8_e4m3fn

@@ -16,16 +16,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dsv3tools import linear as linear_mod
-from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.checkpoint.layout import model_weights
+from dsv3tools.checkpoint.reader import Checkpoint
 from dsv3tools.errors import DSV3Error
-from dsv3tools.layout import model_weights
-from dsv3tools.linear import Linear, dense
-from dsv3tools.model import Transformer
-from dsv3tools.model_attention import MLA
-from dsv3tools.model_io import load_model, save_checkpoint
-from dsv3tools.model_moe import Gate
-from dsv3tools.quant import fp8_block_dequant, int4_dequant, int4_pack, int4_quant
+from dsv3tools.model import linear as linear_mod
+from dsv3tools.model.api import load_model
+from dsv3tools.model.attention import MLA
+from dsv3tools.model.linear import Linear, dense
+from dsv3tools.model.moe import Gate
+from dsv3tools.model.saving import random_model, save_checkpoint
+from dsv3tools.model.transformer import Transformer
+from dsv3tools.quant.reference import fp8_block_dequant, int4_dequant, int4_pack, int4_quant
 from tests.conftest import SPEC_INT4_WEIGHTS
 
 SEQ = 176  # past tiny's original_max_position_embeddings (128)
@@ -404,7 +405,7 @@ def test_routing_counts(tiny_fp8: Path) -> None:
 
 def test_training_backward_and_save_roundtrip(tiny_bf16: Path, tmp_path: Path) -> None:
     cfg = Checkpoint(tiny_bf16).config
-    model = Transformer.init_random(cfg, dtype=torch.float32, seed=0)
+    model = random_model(cfg, dtype=torch.float32, seed=0)
     ids = torch.randint(5, 500, (2, 12))
     logits = model(ids)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
@@ -420,7 +421,7 @@ def test_training_backward_and_save_roundtrip(tiny_bf16: Path, tmp_path: Path) -
         tokenizer_files={"tokenizer.json": (tiny_bf16 / "tokenizer.json").read_bytes()},
     )
     with torch.no_grad():
-        want = Transformer.init_random(cfg, dtype=torch.float32)
+        want = random_model(cfg, dtype=torch.float32)
         for p in want.parameters():
             p.data = p.data.bfloat16().float()
         want.model.layers["1"].mlp.gate.e_score_correction_bias.add_(0.01)

@@ -1,13 +1,13 @@
-"""The reference quantization formulas of dsv3tools.quant against straightforward float64 loops."""
+"""The reference quantization formulas of dsv3tools.quant.reference against straightforward float64 loops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dsv3tools.fp8_lut import fp8_dequant_lut
-from dsv3tools.linear import fp8_dequant_bf16
-from dsv3tools.quant import fp8_block_dequant, int4_dequant, int4_pack, int4_quant, int4_unpack
+from dsv3tools.model.linear import fp8_dequant_bf16
+from dsv3tools.quant.fp8_lut import fp8_dequant_lut
+from dsv3tools.quant.reference import fp8_block_dequant, int4_dequant, int4_pack, int4_quant, int4_unpack
 
 
 def _group_error(g: torch.Tensor, scale: float) -> float:

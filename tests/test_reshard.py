@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsv3tools import synth
-from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.checkpoint import synth
+from dsv3tools.checkpoint.reader import Checkpoint
 from dsv3tools.cli import main
 from dsv3tools.converters.reshard_deepseek import demo_name, hf_name
 

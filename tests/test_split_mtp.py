@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dsv3tools.checkpoint import Checkpoint
-from dsv3tools.inspection import inspect_checkpoint
-from dsv3tools.layout import layer_of
-from dsv3tools.synth import synthesize
+from dsv3tools.checkpoint.inspect import inspect_checkpoint
+from dsv3tools.checkpoint.layout import layer_of
+from dsv3tools.checkpoint.reader import Checkpoint
+from dsv3tools.checkpoint.synth import synthesize
 from tests.conftest import raw_tensors, run_cli
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.checkpoint.reader import Checkpoint
 from dsv3tools.evals.train_tiny import REPORT, balance_router_bias, pack, trained_tiny, unigram_ce
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny ops: one thread is faster than two on shared cores

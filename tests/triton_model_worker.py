@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from dsv3tools.model_io import load_model
+from dsv3tools.model.api import load_model
 
 
 def main() -> None:

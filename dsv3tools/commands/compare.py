@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dsv3tools.cli_util import emit, json_option, model_option
+from dsv3tools.commands.common import emit, json_option, model_option
 
 
 def _render(con, r: dict) -> None:
@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         json: bool = json_option(),
     ) -> None:
         """Logit KL(A||B), top-1 agreement and max abs logit diff of two checkpoints (float32 compute)."""
-        from dsv3tools.compare import compare, read_prompts
+        from dsv3tools.model.compare import compare, read_prompts
 
         r = compare(model, against, read_prompts(prompts), device=device, offload=offload)
         emit(r, json, _render)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dsv3tools.cli_util import (
+from dsv3tools.commands.common import (
     default_out,
     emit,
     human_bytes,

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dsv3tools.cli_util import console, emit, json_option
+from dsv3tools.commands.common import console, emit, json_option
 
 
 def _render(con: Console, r: dict) -> None:
@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         import os
 
         os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request progress bars
-        from dsv3tools.demo import run_demo
+        from dsv3tools.demo.run import run_demo
 
         def on_step(name: str, res: dict) -> None:
             if not json:

@@ -1,5 +1,5 @@
 """The ``dsv3tools download`` command: argument parsing, the byte progress bar and the report.
-The work itself (plan, free-disk check, parallel fetch, verification) is ``dsv3tools.download``, imported
+The work itself (plan, free-disk check, parallel fetch, verification) is ``dsv3tools.hub.download``, imported
 when the command runs (huggingface_hub and its HTTP stack take ~0.45 s to import; other commands skip it)."""
 
 from __future__ import annotations
@@ -9,12 +9,19 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from dsv3tools.cli_util import DEFAULT_MODEL, emit, human_bytes, json_option, progress_bar, show_progress
-from dsv3tools.download_select import DEFAULT_REPO
+from dsv3tools.commands.common import (
+    DEFAULT_MODEL,
+    emit,
+    human_bytes,
+    json_option,
+    progress_bar,
+    show_progress,
+)
 from dsv3tools.errors import DSV3Error
+from dsv3tools.hub.select import DEFAULT_REPO
 
 if TYPE_CHECKING:
-    from dsv3tools import download as dl
+    from dsv3tools.hub import download as dl
 
 _gb = human_bytes
 
@@ -35,7 +42,7 @@ def _verify_plan(
     repo: str | None, revision: str | None, local_dir: Path, include: list[str] | None
 ) -> dl.Plan:
     """Verify what an earlier download recorded (its repo, commit and files) unless told otherwise."""
-    from dsv3tools import download as dl
+    from dsv3tools.hub import download as dl
 
     state = dl.read_state(local_dir)
     repo = repo or state.get("repo") or DEFAULT_REPO
@@ -59,7 +66,7 @@ def run_download(
     json_mode: bool,
 ) -> dict:
     """The command body; returns the JSON report (raises DSV3Error on bad input or failed files)."""
-    from dsv3tools import download as dl
+    from dsv3tools.hub import download as dl
 
     bar_on = show_progress(json_mode)
     if verify_only:
@@ -85,7 +92,7 @@ def run_download(
 
 
 def _finish(result: dl.Result, json_mode: bool, mode: str) -> dict:
-    from dsv3tools import download as dl
+    from dsv3tools.hub import download as dl
 
     report = result.to_dict() | {"mode": mode, "state_file": str(result.plan.local_dir / dl.STATE)}
     if json_mode:

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dsv3tools.cli_util import emit, json_option, model_option
+from dsv3tools.commands.common import emit, json_option, model_option
 from dsv3tools.errors import DSV3Error
 
 
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         """Score a checkpoint with lm-evaluation-harness (MMLU 5-shot by default for --task mmlu)."""
         import os
 
-        from dsv3tools.cli_util import show_progress
+        from dsv3tools.commands.common import show_progress
 
         if not show_progress(json_mode):
             os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         if output is not None:
             from lm_eval.utils import handle_non_serializable
 
-            from dsv3tools.fsutil import atomic_write_bytes
+            from dsv3tools.checkpoint.fsutil import atomic_write_bytes
 
             data = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from dsv3tools.cli_util import emit, json_option, model_option
+from dsv3tools.commands.common import emit, json_option, model_option
 
 
 def _render(con: Console, r: dict) -> None:
@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
         json: bool = json_option(),
     ) -> None:
         """Run prompts through the forward and record tokens per expert per MoE layer."""
-        from dsv3tools.expert_load import expert_load
-        from dsv3tools.writer import atomic_write_json
+        from dsv3tools.checkpoint.writer import atomic_write_json
+        from dsv3tools.model.expert_load import expert_load
 
         r = expert_load(model, prompts, device=device, max_tokens=max_tokens)
         out.parent.mkdir(parents=True, exist_ok=True)

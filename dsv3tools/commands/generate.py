@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dsv3tools.cli_util import emit, json_option, model_option
+from dsv3tools.commands.common import emit, json_option, model_option
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Greedy (or sampled) text generation with the built-in forward."""
         from dsv3tools.errors import DSV3Error
-        from dsv3tools.generate import run_generate
+        from dsv3tools.model.generate import run_generate
 
         if device not in ("cpu", "cuda"):
             raise DSV3Error(f"--device {device!r}: use cpu or cuda")

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dsv3tools.cli_util import emit, human_bytes, json_option, model_option
+from dsv3tools.commands.common import emit, human_bytes, json_option, model_option
 from dsv3tools.errors import DSV3Error
 
 
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect_cmd(model: str = model_option(), json: bool = json_option()) -> None:
         """Parameters, bytes, formats, memory per GPU count and validation problems, from headers only."""
-        from dsv3tools.inspection import inspect_checkpoint
+        from dsv3tools.checkpoint.inspect import inspect_checkpoint
 
         r = inspect_checkpoint(model)
         emit(r, json, _render)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dsv3tools.cli_util import emit, json_option, model_option
+from dsv3tools.commands.common import emit, json_option, model_option
 from dsv3tools.errors import DSV3Error
 
 
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
 
         from dsv3tools.evals.lm import ByteTokenizer, _torch_dtype, dequantize_small
         from dsv3tools.evals.mtp import bench, randomize_mtp
-        from dsv3tools.model_io import load_model
+        from dsv3tools.model.api import load_model
 
         texts = read_prompts(prompts)
         if not (Path(model) / "config.json").is_file():

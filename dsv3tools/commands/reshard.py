@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dsv3tools.cli_util import (
+from dsv3tools.commands.common import (
     default_out,
     emit,
     human_bytes,

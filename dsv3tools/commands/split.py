@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dsv3tools.cli_util import default_out, emit, human_bytes, json_option, model_option
+from dsv3tools.commands.common import default_out, emit, human_bytes, json_option, model_option
 
 
 def _render_split(con, r: dict) -> None:

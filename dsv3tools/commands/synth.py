@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dsv3tools.cli_util import emit, human_bytes, json_option
+from dsv3tools.commands.common import emit, human_bytes, json_option
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         json: bool = json_option(),
     ) -> None:
         """Write a random checkpoint in the exact HF DeepSeek-V3 format, deterministic per seed."""
-        from dsv3tools.synth import synthesize
+        from dsv3tools.checkpoint.synth import synthesize
 
         r = synthesize(
             out, preset=preset, seed=seed, sparse=sparse, dtype=dtype, layers=layers, experts=experts

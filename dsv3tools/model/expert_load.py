@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 
+from dsv3tools.checkpoint.tokenizer import encode, load_tokenizer
 from dsv3tools.errors import DSV3Error
+from dsv3tools.model.api import load_model
+from dsv3tools.model.loading import missing_weights
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -56,8 +59,6 @@ def count_routing(model: Any, token_ids: list[list[int]], mtp: bool = True) -> d
 
 def has_mtp_weights(model: Any) -> bool:
     """Whether every MTP layer of the config has its weights attached (split-mtp main folders do not)."""
-    from dsv3tools.model_io import missing_weights
-
     prefixes = tuple(f"model.layers.{lid}." for lid in model.config.mtp_layers)
     return bool(prefixes) and not any(m.startswith(prefixes) for m in missing_weights(model))
 
@@ -70,9 +71,6 @@ def expert_load(
     max_tokens: int = 4096,
 ) -> dict[str, Any]:
     """Run every prompt (BOS prepended, cut to ``max_tokens``) and return the expert-load object."""
-    from dsv3tools.generate import encode, load_tokenizer
-    from dsv3tools.model_io import load_model
-
     prompts = read_prompts(prompts_file)
     model = load_model(model_path, device=device)
     tok = load_tokenizer(model)

@@ -1,7 +1,7 @@
 """Running a resharded checkpoint (``reshard --format dsv3tools``) across ranks with torch.distributed.
 
-:func:`load_resharded` builds the ordinary :class:`~dsv3tools.model.Transformer`, swaps in the tensor- and
-expert-parallel modules of :mod:`dsv3tools.distributed_modules` (attention and dense MLPs split by heads /
+:func:`load_resharded` builds the ordinary :class:`~dsv3tools.model.transformer.Transformer`, swaps in the tensor- and
+expert-parallel modules of :mod:`dsv3tools.model.parallel` (attention and dense MLPs split by heads /
 rows, embedding and heads split by vocab, routed experts held per physical slot as ``placement.json``
 says) and attaches only this rank's files (``rank{r}.safetensors.index.json``), memory-mapped. The result
 is called like any model: ``model(input_ids)`` returns the full float32 logits on every rank. FP8
@@ -23,9 +23,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsv3tools.checkpoint import map_shard, read_header, tensor_view
+from dsv3tools.checkpoint.reader import map_shard, read_header, tensor_view
 from dsv3tools.config import ModelConfig
+from dsv3tools.converters.reshard_rules import split_rule
 from dsv3tools.errors import DSV3Error
+from dsv3tools.model.linear import dequant_weight
+from dsv3tools.model.loading import attach, missing_weights
+from dsv3tools.model.moe import MoE
+from dsv3tools.model.parallel import (
+    ColumnParallelHead,
+    ExpertParallelMoE,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from dsv3tools.model.transformer import Transformer
 
 MANIFEST = "reshard.json"
 PLACEMENT = "placement.json"
@@ -79,13 +90,6 @@ def _read_json(path: Path) -> dict:
 
 def _parallelize(model, cfg: ModelConfig, placement: dict, rank: int, world: int) -> None:
     """Swap the model's modules for their tensor/expert-parallel versions (no weights attached yet)."""
-    from dsv3tools.distributed_modules import (
-        ColumnParallelHead,
-        ExpertParallelMoE,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-    )
-    from dsv3tools.model_moe import MoE
 
     h, v, blk = cfg.hidden_size, cfg.vocab_size, cfg.quant.block
     start = rank * (v // world)
@@ -107,8 +111,6 @@ def _parallelize(model, cfg: ModelConfig, placement: dict, rank: int, world: int
 
 
 def _attach_rank(model, folder: Path, index: dict, device: torch.device) -> None:
-    from dsv3tools.model_io import attach, missing_weights
-
     by_file: dict[str, list[str]] = {}
     for name, fname in index["weight_map"].items():
         by_file.setdefault(fname, []).append(name)
@@ -132,9 +134,6 @@ def _attach_rank(model, folder: Path, index: dict, device: torch.device) -> None
 
 def _slice_unsplit(model, modules: list[str], rank: int, world: int) -> None:
     """FP8 linears stored whole (their split would cut a block): dequantize to bf16, keep this rank's slice."""
-    from dsv3tools.converters.reshard_rules import split_rule
-    from dsv3tools.linear import dequant_weight
-
     for name in modules:
         layer = model.get_submodule(name)
         dim = split_rule(f"{name}.weight")[0]
@@ -156,8 +155,6 @@ def load_resharded(
     """This rank's part of a resharded checkpoint as a model with the same call signature as
     :func:`dsv3tools.load_model`'s (full float32 logits on every rank). Needs torch.distributed with as
     many ranks as the folder was resharded for (initialised here under torchrun)."""
-    from dsv3tools.model import Transformer
-
     folder = Path(path)
     manifest = _read_json(folder / MANIFEST)
     placement = _read_json(folder / PLACEMENT)

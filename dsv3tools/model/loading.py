@@ -1,17 +1,16 @@
-"""Loading, streaming, random init and saving of :class:`dsv3tools.model.Transformer` weights.
+"""Loading an HF-format checkpoint folder into :class:`dsv3tools.model.transformer.Transformer`, in one process.
 
-- :func:`load_model`: builds the modules (they allocate nothing) and attaches the checkpoint's tensors by
-  their HF names, memory-mapped through ``Checkpoint.get`` (FP8 codes + scales, int4 packed + scales and
-  bf16 stay in their stored form), or, with ``offload=True``, streams each layer's tensors from disk
-  when the layer runs and drops them after (:class:`LayerStreamer`).
-- :func:`init_random` / :func:`save_checkpoint`: trainable float Parameters and an HF-format checkpoint
-  written through :mod:`dsv3tools.writer`.
+:func:`load_checkpoint` builds the modules (they allocate nothing) and attaches the checkpoint's tensors by
+their HF names, memory-mapped through ``Checkpoint.get`` (FP8 codes + scales, int4 packed + scales and
+bf16 stay in their stored form), or, with ``offload=True``, streams each layer's tensors from disk when
+the layer runs and drops them after (:class:`LayerStreamer`). :func:`attach` / :func:`missing_weights` are
+shared with the resharded loader (:mod:`dsv3tools.model.distributed`), which depends on this module and
+never the reverse; :func:`dsv3tools.model.api.load_model` picks between them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,23 +18,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.checkpoint.layout import layer_of
+from dsv3tools.checkpoint.reader import Checkpoint
+from dsv3tools.checkpoint.writer import TORCH_DTYPES
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
-from dsv3tools.layout import Weight, layer_of, model_weights, storage
-from dsv3tools.linear import Linear, dequant_weight
-from dsv3tools.model import Embedding, Transformer
-from dsv3tools.model_attention import RMSNorm
-from dsv3tools.model_moe import Gate
-from dsv3tools.quant import fp8_block_quant
-from dsv3tools.writer import TORCH_DTYPES, OutSpec, WriteJob, execute, plan_shards
+from dsv3tools.model.attention import RMSNorm
+from dsv3tools.model.linear import Linear
+from dsv3tools.model.moe import Gate
+from dsv3tools.model.transformer import Embedding, Transformer
 
-FP8_QUANT_CONFIG = {
-    "activation_scheme": "dynamic",
-    "fmt": "e4m3",
-    "quant_method": "fp8",
-    "weight_block_size": [128, 128],
-}
 HEAD_NAMES = ("model.norm.weight", "lm_head.weight")
 EMBED_NAME = "model.embed_tokens.weight"
 # Vocab-sized tables stay memory-mapped under offload (the MTP layers' copies of the embedding and head too):
@@ -124,7 +116,7 @@ class LayerStreamer:
                 attach(model, name, None)
 
 
-def load_model(
+def load_checkpoint(
     path: str | Path,
     *,
     device: str | torch.device = "cpu",
@@ -141,10 +133,6 @@ def load_model(
     ``materialize`` converts the weights once at load into the compute dtype (faster, same logits, but
     the memory of the compute dtype instead of the mapped file; dequant backend only).
     """
-    from dsv3tools.distributed import is_resharded, load_resharded
-
-    if is_resharded(path):  # a `reshard` output: this rank's files only, under torch.distributed
-        return load_resharded(path, device=device, dtype=dtype, backend=backend, attn_impl=attn_impl)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DSV3Error("--device cuda: no CUDA device is available; use --device cpu")
@@ -196,76 +184,3 @@ def _attach_from(model: Transformer, ckpt: Checkpoint, names: list[str], device:
     for name in names:
         t = ckpt.get(name)
         attach(model, name, t if device.type == "cpu" else t.to(device))
-
-
-def init_random(model: Transformer, seed: int = 0) -> Transformer:
-    """Float trainable Parameters (``model.dtype``) drawn like ``synth.random_weight``; the router bias is
-    a float32 buffer (updated in place by bias balancing)."""
-    for w in model_weights(model.config):
-        t = _random(w, seed)
-        if w.name.endswith("e_score_correction_bias"):
-            attach(model, w.name, t.to(model.device))
-        else:
-            name = f"{w.name}.weight" if w.linear else w.name
-            attach(model, name, nn.Parameter(t.to(device=model.device, dtype=model.dtype)))
-    return model
-
-
-def _random(w: Weight, seed: int) -> torch.Tensor:
-    from dsv3tools.synth import random_weight
-
-    return random_weight(w, seed)
-
-
-def logical_tensor(model: Transformer, w: Weight) -> torch.Tensor:
-    """The float32 value of a logical weight of the model (linears dequantized)."""
-    if w.linear:
-        return dequant_weight(model.get_submodule(w.name), torch.float32).detach().cpu()
-    prefix, _, suffix = w.name.rpartition(".")
-    return getattr(model.get_submodule(prefix), suffix).detach().float().cpu()
-
-
-def save_checkpoint(
-    model: Transformer,
-    out_dir: str | Path,
-    fmt: str = "fp8",
-    tokenizer_files: dict | None = None,
-    max_shard_bytes: int = 5 * 10**9,
-) -> dict:
-    """Write the model as an HF-format checkpoint (fp8 block-quantized or bf16) through the writer."""
-    if fmt not in ("fp8", "bf16"):
-        raise DSV3Error(f"save_checkpoint: fmt {fmt!r}; use fp8 or bf16")
-    cfg = model.config
-    weights = {w.name: w for w in model_weights(cfg)}
-    specs = [
-        OutSpec(n, dt, shape, key=w.name)
-        for w in weights.values()
-        for n, (dt, shape) in storage(w, fmt).items()
-    ]
-    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def produce(spec: OutSpec) -> torch.Tensor:
-        w = weights[spec.key]
-        if spec.dtype == "F8_E4M3" or spec.name.endswith("_scale_inv"):
-            if w.name not in cache:
-                cache.clear()
-                cache[w.name] = fp8_block_quant(logical_tensor(model, w), (128, 128))
-            return cache[w.name][0 if spec.dtype == "F8_E4M3" else 1]
-        return logical_tensor(model, w).to(TORCH_DTYPES[spec.dtype])
-
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(repr(float(p.detach().double().sum())).encode())
-    config = cfg.to_dict(
-        quantization_config=FP8_QUANT_CONFIG if fmt == "fp8" else None, torch_dtype="bfloat16"
-    )
-    job = WriteJob(
-        Path(out_dir),
-        plan_shards(specs, max_shard_bytes),
-        produce,
-        config,
-        "save_checkpoint",
-        {"fmt": fmt, "digest": digest.hexdigest()},
-        extra_data=dict(tokenizer_files or {}),
-    )
-    return execute(job)

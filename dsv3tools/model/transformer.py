@@ -2,8 +2,9 @@
 and head, the MTP module(s), KV caches for incremental decoding, padding masks and routing statistics.
 
 Module paths mirror the HF tensor names (``model.layers.3.mlp.experts.7.up_proj`` ...), so a checkpoint
-tensor attaches to ``model.get_submodule(prefix)`` under its own suffix; see :mod:`dsv3tools.model_io` for
-loading (memory-mapped, or streamed layer by layer), random init and saving.
+tensor attaches to ``model.get_submodule(prefix)`` under its own suffix; see :mod:`dsv3tools.model.loading` for
+loading (memory-mapped, or streamed layer by layer) and :mod:`dsv3tools.model.saving` for random init and
+saving.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3tools.config import ModelConfig
-from dsv3tools.linear import Linear, resolve_model_backend
-from dsv3tools.model_attention import MLA, LayerCache, RMSNorm
-from dsv3tools.model_moe import MLP, Gate, MoE
-from dsv3tools.rope import cos_sin, inv_freq
+from dsv3tools.model.attention import MLA, LayerCache, RMSNorm
+from dsv3tools.model.linear import Linear, resolve_model_backend
+from dsv3tools.model.moe import MLP, Gate, MoE
+from dsv3tools.model.rope import cos_sin, inv_freq
 
 ROPE_TABLE_MIN = 256  # positions in the first cos/sin table (grown by doubling)
 
@@ -108,7 +109,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.tokenizer_path = None
-        self.streamer = None  # set by model_io for layer streaming (offload)
+        self.streamer = None  # set by model.loading for layer streaming (offload)
         self.model = Decoder(cfg, attn_impl, expert_ids)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.quant.block)
         self.register_buffer("freqs", inv_freq(cfg).to(self.device), persistent=False)
@@ -285,12 +286,3 @@ class Transformer(nn.Module):
             out = blk.shared_head.norm(x)
             logits = blk.shared_head.head(out).float()
         return logits, out
-
-    @classmethod
-    def init_random(
-        cls, cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0, **kw
-    ) -> Transformer:
-        """A trainable model: float Parameters initialized like ``dsv3tools.synth.random_weight``."""
-        from dsv3tools.model_io import init_random
-
-        return init_random(cls(cfg, dtype=dtype, **kw), seed)

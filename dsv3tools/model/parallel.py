@@ -1,4 +1,4 @@
-"""Tensor- and expert-parallel replacements for the model's modules (used by :mod:`dsv3tools.distributed`).
+"""Tensor- and expert-parallel replacements for the model's modules (used by :mod:`dsv3tools.model.distributed`).
 
 Every rank sees every token (activations are replicated after each all-reduce):
 
@@ -25,9 +25,9 @@ from torch import nn
 
 from dsv3tools.config import ModelConfig
 from dsv3tools.converters.placement import derive
-from dsv3tools.linear import Linear, linear
-from dsv3tools.model import Embedding
-from dsv3tools.model_moe import MLP, MoE, grouped
+from dsv3tools.model.linear import Linear, linear
+from dsv3tools.model.moe import MLP, MoE, grouped
+from dsv3tools.model.transformer import Embedding
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from dsv3tools.checkpoint import Checkpoint
+from dsv3tools.checkpoint.layout import model_weights, nbytes, storage
+from dsv3tools.checkpoint.reader import Checkpoint
 from dsv3tools.config import ModelConfig
-from dsv3tools.layout import model_weights, nbytes, storage
 
 GPU_COUNTS = (1, 8, 16, 32, 64, 128, 320)
 COMPONENTS = (

@@ -1,36 +1,14 @@
-"""Text generation with the built-in forward: tokenizer loading, BOS-prefixed encoding, and greedy or
-temperature-sampled decoding with the compressed KV cache (batches left-padded with an attention mask)."""
+"""Text generation with the built-in forward: greedy or temperature-sampled decoding with the compressed KV cache (batches left-padded with an attention mask)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsv3tools.checkpoint.tokenizer import encode, load_tokenizer
 from dsv3tools.errors import DSV3Error
-
-
-def load_tokenizer(model_or_path: Any) -> Any:
-    """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library."""
-    path = getattr(model_or_path, "tokenizer_path", None) or model_or_path
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise DSV3Error(
-            f"{path}: no tokenizer.json; copy the checkpoint's tokenizer files next to config.json"
-        )
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise DSV3Error("generation needs the tokenizers package: pip install tokenizers") from None
-    return Tokenizer.from_file(str(path))
-
-
-def encode(tokenizer: Any, text: str, bos_id: int) -> list[int]:
-    """Token ids of ``text`` with BOS prepended (no other special tokens added)."""
-    return [bos_id, *tokenizer.encode(text, add_special_tokens=False).ids]
+from dsv3tools.model.api import load_model
 
 
 def _pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +83,6 @@ def run_generate(
     offload: bool = False,
 ) -> dict:
     """What ``dsv3tools generate`` does: load, encode (BOS first), decode; returns ids and text."""
-    from dsv3tools.model_io import load_model
-
     model = load_model(model_path, device=device, offload=offload)
     tok = load_tokenizer(model)
     prompt_ids = encode(tok, prompt, model.config.bos_token_id)

@@ -34,9 +34,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from dsv3tools.download_select import DEFAULT_REPO, parse_include, select
+from dsv3tools.checkpoint.fsutil import atomic_write_json, free_bytes
 from dsv3tools.errors import DSV3Error
-from dsv3tools.fsutil import atomic_write_json, free_bytes
+from dsv3tools.hub.select import DEFAULT_REPO, parse_include, select
 
 STATE = ".dsv3tools/download.json"
 _HASH_CHUNK = 8 * 1024 * 1024

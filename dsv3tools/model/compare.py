@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from dsv3tools.checkpoint.tokenizer import encode, load_tokenizer
+from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
-from dsv3tools.generate import encode, load_tokenizer
+from dsv3tools.model.api import load_model
 
 DEFAULT_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -49,8 +51,6 @@ def read_prompts(path: str | Path | None) -> list[str]:
 def _logits(
     path: str | Path, batches: list[list[int]], device: str, backend: str, offload: bool
 ) -> list[torch.Tensor]:
-    from dsv3tools.model_io import load_model
-
     model = load_model(path, device=device, dtype=torch.float32, backend=backend, offload=offload)
     out = [model(torch.tensor([ids], device=model.device))[0].cpu() for ids in batches]
     del model
@@ -87,8 +87,6 @@ def compare(
 ) -> dict:
     """Compare two checkpoints on ``prompts`` (default built-ins), tokenized with A's tokenizer."""
     tok = load_tokenizer(model_a)
-    from dsv3tools.config import ModelConfig
-
     bos = ModelConfig.from_file(model_a).bos_token_id
     batches = [encode(tok, p, bos) for p in (prompts or DEFAULT_PROMPTS)]
     la = _logits(model_a, batches, device, backend, offload)

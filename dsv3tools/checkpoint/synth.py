@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from dsv3tools.checkpoint.layout import Weight, model_weights, storage
+from dsv3tools.checkpoint.tokenizer import tokenizer_files
+from dsv3tools.checkpoint.writer import TORCH_DTYPES, OutSpec, WriteJob, execute, plan_shards
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
-from dsv3tools.layout import Weight, model_weights, storage
-from dsv3tools.quant import fp8_block_quant
-from dsv3tools.tokenizer_files import tokenizer_files
-from dsv3tools.writer import OutSpec, WriteJob, execute, plan_shards
+from dsv3tools.quant.reference import fp8_block_quant
 
 REAL_CONFIG: dict = {
     "architectures": ["DeepseekV3ForCausalLM"],
@@ -186,8 +186,6 @@ class _SynthProducer:
                 self._cache = (w.name, fp8_block_quant(random_weight(w, self.seed)))
             q, s = self._cache[1]
             return q if spec.dtype == "F8_E4M3" else s
-        from dsv3tools.writer import TORCH_DTYPES
-
         return random_weight(w, self.seed).to(TORCH_DTYPES[spec.dtype])
 
 

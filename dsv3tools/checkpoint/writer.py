@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3tools.errors import DSV3Error
-from dsv3tools.fsutil import (
+from dsv3tools.checkpoint.fsutil import (
     atomic_copy,
     atomic_write_bytes,
     atomic_write_json,
@@ -29,7 +28,8 @@ from dsv3tools.fsutil import (
     fsync_dir,
     sync_filesystem,
 )
-from dsv3tools.layout import nbytes
+from dsv3tools.checkpoint.layout import nbytes
+from dsv3tools.errors import DSV3Error
 
 STATE_DIR = ".dsv3tools"
 SYNC_INTERVAL_S = 30.0  # finished shards become final at most this long after being written

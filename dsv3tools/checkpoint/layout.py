@@ -23,6 +23,8 @@ DTYPE_BYTES = {
     "BOOL": 1,
 }
 FORMATS = ("fp8", "bf16", "int4")
+# the tensors a linear module may store under its prefix, over all formats
+TENSOR_SUFFIXES = ("weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
 

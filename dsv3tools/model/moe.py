@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3tools.config import ModelConfig
-from dsv3tools.linear import Linear, dense
+from dsv3tools.model.linear import Linear, dense
 
 GROUP_SCORE_TOP = 2  # noaux_tc: a group's score is the sum of its 2 best biased scores
 

@@ -2,9 +2,9 @@
 a few band-sized temporaries: read a linear's float32 source weight (fp8 dequantized in float32, bf16,
 or int4 dequantized), and encode it as bf16, fp8 blocks or packed int4. Every encoder works on bands
 whose row counts are multiples of the block/group structure, so the result is bit-identical to the
-whole-tensor reference formulas of ``dsv3tools.quant`` (blocks and groups never straddle bands).
+whole-tensor reference formulas of ``dsv3tools.quant.reference`` (blocks and groups never straddle bands).
 
-FP8 dequantization (the hot path of fp8 -> bf16) is ``dsv3tools.fp8_lut``'s."""
+FP8 dequantization (the hot path of fp8 -> bf16) is ``dsv3tools.quant.fp8_lut``'s."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from dsv3tools.fp8_lut import fp8_dequant_into, fp8_dequant_lut
-from dsv3tools.quant import INT4_MAX, cdiv, fp8_block_quant, int4_quant, int4_unpack
+from dsv3tools.quant.fp8_lut import fp8_dequant_into, fp8_dequant_lut
+from dsv3tools.quant.reference import INT4_MAX, cdiv, fp8_block_quant, int4_quant, int4_unpack
 
 BAND_ELEMENTS = 1 << 22  # about 16 MB of float32 per band
 Getter = Callable[[str], torch.Tensor]

@@ -13,10 +13,18 @@ from pathlib import Path
 
 import torch
 
+from dsv3tools.checkpoint.layout import (
+    DTYPE_BYTES,
+    Weight,
+    detect_format,
+    layer_of,
+    model_weights,
+    nbytes,
+    storage,
+)
+from dsv3tools.checkpoint.writer import TORCH_DTYPES
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
-from dsv3tools.layout import DTYPE_BYTES, Weight, detect_format, layer_of, model_weights, nbytes, storage
-from dsv3tools.writer import TORCH_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

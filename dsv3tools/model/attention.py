@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3tools.config import ModelConfig
-from dsv3tools.linear import Linear, dequant_weight
-from dsv3tools.rope import apply_rope
+from dsv3tools.model.linear import Linear, dequant_weight
+from dsv3tools.model.rope import apply_rope
 
 ATTN_IMPLS = ("naive", "absorb", "auto")
 

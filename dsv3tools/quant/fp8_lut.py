@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dsv3tools.quant import cdiv, fp8_block_dequant
+from dsv3tools.quant.reference import cdiv, fp8_block_dequant
 
 _FP8_CODES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # every e4m3 value
 

@@ -1,7 +1,7 @@
 """torchrun worker of ``dsv3tools demo``: loads this rank's part of a resharded checkpoint and, on rank 0,
 saves the float32 logits of the given token ids.
 
-Usage: ``torchrun --nproc-per-node N -m dsv3tools.demo_worker RESHARDED_DIR IDS.pt OUT.pt``
+Usage: ``torchrun --nproc-per-node N -m dsv3tools.demo.worker RESHARDED_DIR IDS.pt OUT.pt``
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 
 def main() -> None:
-    from dsv3tools.distributed import load_resharded
+    from dsv3tools.model.distributed import load_resharded
 
     folder, ids_file, dest = sys.argv[1:4]
     torch.set_num_threads(1)

@@ -28,7 +28,7 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 def _tensors_equal(a: Path, b: Path) -> bool:
     """Every tensor of checkpoint ``a`` equals (bytes) the tensor of the same name in ``b``."""
-    from dsv3tools.checkpoint import Checkpoint
+    from dsv3tools.checkpoint.reader import Checkpoint
 
     ca, cb = Checkpoint(a), Checkpoint(b)
     if set(ca.weight_map) != set(cb.weight_map):
@@ -52,7 +52,7 @@ def _step_split(ckpt: Path, work: Path) -> dict:
 def _step_reshard(ckpt: Path, work: Path) -> dict:
     """Reshard over ``RANKS`` ranks (with redundant experts), run them under torchrun, compare logits."""
     from dsv3tools.converters.reshard import ReshardOptions, reshard
-    from dsv3tools.model_io import load_model
+    from dsv3tools.model.api import load_model
 
     out = work / f"ep{RANKS}"
     res = reshard(ckpt, out, ReshardOptions(num_ranks=RANKS, num_redundant=RANKS))
@@ -66,7 +66,7 @@ def _step_reshard(ckpt: Path, work: Path) -> dict:
         "--standalone",
         f"--nproc-per-node={RANKS}",
         "-m",
-        "dsv3tools.demo_worker",
+        "dsv3tools.demo.worker",
         str(out),
         str(work / "reshard_ids.pt"),
         str(work / "reshard_logits.pt"),
@@ -103,10 +103,10 @@ def _step_eval(ckpt: Path, int4: Path, work: Path) -> dict:
 
 
 def _step_mtp(ckpt: Path) -> dict:
+    from dsv3tools.checkpoint.tokenizer import encode, load_tokenizer
     from dsv3tools.evals.mtp import bench, randomize_mtp
     from dsv3tools.evals.tasks import data_dir
-    from dsv3tools.generate import encode, load_tokenizer
-    from dsv3tools.model_io import load_model
+    from dsv3tools.model.api import load_model
 
     model = load_model(ckpt, dtype=torch.float32)
     tok = load_tokenizer(ckpt)
@@ -127,10 +127,10 @@ def _step_mtp(ckpt: Path) -> dict:
 
 def run_demo(workdir: str | Path, on_step: Callable[[str, dict], None] | None = None) -> dict:
     """Run every step in ``workdir`` (created; reused pieces are rebuilt) and return the summary."""
-    from dsv3tools.compare import compare
+    from dsv3tools.checkpoint.inspect import inspect_checkpoint
     from dsv3tools.converters.convert import ConvertOptions, convert
     from dsv3tools.evals.train_tiny import trained_tiny
-    from dsv3tools.inspection import inspect_checkpoint
+    from dsv3tools.model.compare import compare
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

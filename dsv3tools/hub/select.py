@@ -7,8 +7,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from dsv3tools.checkpoint.layout import layer_of
 from dsv3tools.errors import DSV3Error
-from dsv3tools.layout import layer_of
 
 DEFAULT_REPO = "deepseek-ai/DeepSeek-V3"
 

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3tools.checkpoint.layout import TENSOR_SUFFIXES
 from dsv3tools.errors import DSV3Error
-from dsv3tools.fp8_lut import fp8_dequant_into
-from dsv3tools.quant import fp8_block_dequant, int4_dequant
+from dsv3tools.quant.fp8_lut import fp8_dequant_into
+from dsv3tools.quant.reference import fp8_block_dequant, int4_dequant
 
 MODEL_BACKENDS = ("auto", "dequant", "torch", "triton")
 UPCAST_MIN_ROWS = 4  # torch's CPU half GEMM costs one weight pass per row; float32 wins from 4 rows
@@ -71,9 +72,6 @@ def dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     for start in range(0, n, rows):
         out[..., start : start + rows] = F.linear(x32, w[start : start + rows].float())
     return out
-
-
-TENSOR_SUFFIXES = ("weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape")
 
 
 def resolve_model_backend(backend: str, device: torch.device | str) -> str:
