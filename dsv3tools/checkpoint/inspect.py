@@ -55,7 +55,7 @@ def memory_table(cfg: ModelConfig) -> dict[str, dict]:
 
 def inspect_checkpoint(path: str | Path) -> dict:
     """The inspect report (SPEC sec. 2) as a JSON-able dict."""
-    ck = Checkpoint(path)
+    ck = Checkpoint(path, validate=False)  # the inventory's problems are part of the report
     cfg = ck.config
     infos = ck.infos()
     problems = ck.problems()

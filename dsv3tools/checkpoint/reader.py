@@ -1,91 +1,28 @@
-"""Reading a checkpoint: config, index, shard headers (parsed without touching tensor data), lazy tensor
-access through a private mmap of each shard (views: only the pages used become resident), per-linear
-format detection, and validation against the config."""
+"""Reading a checkpoint: config, index and shard headers as the validation gate
+(:mod:`dsv3tools.checkpoint.validate`) parsed and checked them, lazy tensor access through a private mmap
+of each shard (views: only the pages used become resident) and per-linear format detection."""
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsv3tools.checkpoint.layout import (
-    DTYPE_BYTES,
-    Weight,
-    detect_format,
-    layer_of,
-    model_weights,
-    nbytes,
-    storage,
+from dsv3tools.checkpoint.layout import Weight, detect_format, layer_of
+from dsv3tools.checkpoint.safetensors_rules import TensorInfo, read_header
+from dsv3tools.checkpoint.validate import (
+    MANIFEST,
+    expected_weights,
+    stored_as,
+    validate_checkpoint,
 )
 from dsv3tools.checkpoint.writer import TORCH_DTYPES
-from dsv3tools.config import ModelConfig
-from dsv3tools.errors import DSV3Error
+from dsv3tools.errors import DSV3Error, ValidationError
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Header facts of one stored tensor."""
-
-    name: str
-    shard: str
-    dtype: str
-    shape: tuple[int, ...]
-    offsets: tuple[int, int]
-
-    @property
-    def nbytes(self) -> int:
-        return self.offsets[1] - self.offsets[0]
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header and check it against the file size; errors name the file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise DSV3Error(f"{path}: truncated safetensors file ({size} bytes); re-download it")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or 8 + n > size:
-                raise DSV3Error(
-                    f"{path}: corrupted safetensors header (length {n}, file {size} bytes); re-download it"
-                )
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise DSV3Error(f"{path}: shard file is missing; re-download it (dsv3tools download)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DSV3Error(f"{path}: corrupted safetensors header (not JSON); re-download it") from None
-    infos: dict[str, TensorInfo] = {}
-    end = 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (a, b) = meta["dtype"], tuple(int(x) for x in meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise DSV3Error(
-                f"{path}: corrupted header entry for tensor {name}; re-download the shard"
-            ) from None
-        if dtype not in DTYPE_BYTES or b - a != nbytes(dtype, shape):
-            raise DSV3Error(
-                f"{path}: tensor {name} has inconsistent dtype/shape/offsets; re-download the shard"
-            )
-        infos[name] = TensorInfo(name, path.name, dtype, shape, (a, b))
-        end = max(end, b)
-    if 8 + n + end > size:
-        raise DSV3Error(
-            f"{path}: truncated: header needs {8 + n + end} bytes, file has {size}; re-download it"
-        )
-    return infos
+__all__ = ["Checkpoint", "MappedShard", "TensorInfo", "map_shard", "read_header", "tensor_view"]
 
 
 MappedShard = tuple[mmap.mmap, int]  # the shard's private map, byte offset of its data
@@ -118,35 +55,22 @@ def tensor_view(mapped: MappedShard, info: TensorInfo) -> torch.Tensor:
 class Checkpoint:
     """A checkpoint folder opened lazily: headers on demand, tensors through mmap."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, validate: bool = True):
+        """Runs the validation gate first (cached per folder); ``validate=False`` (inspect) raises only for
+        broken files, index or config and leaves the inventory to :meth:`problems`."""
         self.path = Path(path)
-        if not self.path.is_dir():
+        gate = validate_checkpoint(self.path, inventory=validate)
+        if gate.kind != "hf":
             raise DSV3Error(
-                f"{self.path}: no such checkpoint folder; pass --model DIR (or set DSV3TOOLS_MODEL)"
+                f"{self.path}: a resharded folder ({MANIFEST}); run it under torchrun "
+                f"(torchrun --nproc-per-node N -m dsv3tools generate --model {self.path}) or pass its source"
             )
-        self.config = ModelConfig.from_file(self.path / "config.json")
-        self.weight_map = self._read_index()
+        self.config = gate.config
+        self.weight_map = dict(gate.weight_map)
         self.shards = sorted(set(self.weight_map.values()))
-        self._headers: dict[str, dict[str, TensorInfo]] = {}
+        self._headers: dict[str, dict[str, TensorInfo]] = dict(gate.headers)
         self._handles: dict[str, MappedShard] = {}
-
-    def _read_index(self) -> dict[str, str]:
-        idx = self.path / INDEX_NAME
-        if idx.is_file():
-            try:
-                wm = json.loads(idx.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DSV3Error(f"{idx}: corrupted index (no weight_map); re-download it") from None
-            for shard in sorted(set(wm.values())):
-                if not (self.path / shard).is_file():
-                    raise DSV3Error(
-                        f"{idx}: names {shard}, which is missing; re-download it (dsv3tools download)"
-                    )
-            return dict(wm)
-        single = self.path / SINGLE_NAME
-        if single.is_file():
-            return {name: SINGLE_NAME for name in read_header(single)}
-        raise DSV3Error(f"{self.path}: no {INDEX_NAME} or {SINGLE_NAME}; not a safetensors checkpoint")
+        self._inventory = list(gate.inventory)
 
     # ---- headers ---------------------------------------------------------------------------------
     def header(self, shard: str) -> dict[str, TensorInfo]:
@@ -204,60 +128,23 @@ class Checkpoint:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- validation ------------------------------------------------------------------------------
+    # ---- validation (the gate's inventory rules, :mod:`dsv3tools.checkpoint.validate`) ----------------
     def expected(self) -> list[Weight]:
         """Weights the config implies; a folder marked ``"dsv3tools_part": "mtp"`` (split-mtp) holds only the MTP layers."""
-        weights = model_weights(self.config)
-        if self.config.raw.get("dsv3tools_part") == "mtp":
-            weights = [w for w in weights if w.layer is not None and w.layer >= self.config.num_hidden_layers]
-        return weights
+        return expected_weights(self.config)
 
     def storage_of(self, w: Weight) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Expected on-disk tensors of ``w`` in the format it is actually stored in (default: config's)."""
-        fmt = self.linear_format(w.name) if w.linear else None
-        if fmt == "bf16" and self.info(f"{w.name}.weight").dtype == "F8_E4M3":
-            fmt = "fp8"  # an FP8 weight whose scale is missing: report the missing scale
-        if fmt is None:
-            fmt = {"fp8": "fp8", "int4": "int4"}.get(self.config.quant.method, "bf16")
-        return storage(w, fmt, self.config.quant.block, self.config.quant.group_size)
+        name = f"{w.name}.weight"
+        infos = {name: self.info(name)} if name in self.weight_map else {}
+        return stored_as(self.config, self.weight_map, infos, w)
 
     def problems(self) -> list[str]:
         """Every mismatch between the stored tensors and the config (names, shapes, dtypes, scale grids)."""
-        infos = self.infos()
-        probs = [
-            f"{n}: listed in the index under {s} but stored in {infos[n].shard}"
-            for n, s in self.weight_map.items()
-            if n in infos and infos[n].shard != s
-        ]
-        probs += [
-            f"{n}: listed in the index but missing from {s}"
-            for n, s in self.weight_map.items()
-            if n not in infos
-        ]
-        seen: set[str] = set()
-        for w in self.expected():
-            for name, (dtype, shape) in self.storage_of(w).items():
-                seen.add(name)
-                info = infos.get(name)
-                if info is None:
-                    hint = " (FP8 weight without its scale)" if name.endswith("_scale_inv") else ""
-                    probs.append(f"{name}: missing{hint}")
-                    continue
-                if info.shape != shape:
-                    probs.append(f"{name}: shape {list(info.shape)}, expected {list(shape)}")
-                ok = {dtype} | (
-                    {"BF16", "F16", "F32"}
-                    if dtype in ("BF16", "F32") and not name.endswith("_scale_inv")
-                    else set()
-                )
-                if info.dtype not in ok:
-                    probs.append(f"{name}: dtype {info.dtype}, expected {dtype}")
-        probs += [f"{n}: unexpected tensor for this config" for n in sorted(set(infos) - seen)]
-        return probs
+        return list(self._inventory)
 
     def validate(self) -> None:
-        """Raise DSV3Error with the first problem (and how many more) if the checkpoint is inconsistent."""
+        """Raise :class:`ValidationError` with the first problem (and how many more) if the inventory is off."""
         probs = self.problems()
         if probs:
-            more = f" (+{len(probs) - 1} more; run dsv3tools inspect)" if len(probs) > 1 else ""
-            raise DSV3Error(f"{self.path}: {probs[0]}{more}")
+            raise ValidationError(probs)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from dsv3tools.commands.common import emit, human_bytes, json_option, model_option
-from dsv3tools.errors import DSV3Error
+from dsv3tools.commands.common import (
+    emit,
+    human_bytes,
+    json_option,
+    model_option,
+    progress_bar,
+    show_progress,
+)
+from dsv3tools.errors import DSV3Error, ValidationError
 
 
 def _render(con: Console, r: dict) -> None:
@@ -40,15 +48,44 @@ def _render(con: Console, r: dict) -> None:
         con.print(f"[red]problem:[/] {p}")
     if len(r["problems"]) > 20:
         con.print(f"[red]... {len(r['problems']) - 20} more problems[/]")
+    zeros = r.get("zero_tensors", [])
+    if zeros:
+        more = f" (+{len(zeros) - 1} more)" if len(zeros) > 1 else ""
+        con.print(
+            f"[yellow]warning:[/] {len(zeros)} all-zero tensors: {escape(zeros[0])}{more}", highlight=False
+        )
+
+
+def _render_problems(con: Console, r: dict) -> None:
+    for p in r["problems"]:
+        con.print(f"[red]problem:[/] {escape(p)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
-    def inspect_cmd(model: str = model_option(), json: bool = json_option()) -> None:
+    def inspect_cmd(
+        model: str = model_option(),
+        check_data: bool = typer.Option(
+            False,
+            "--check-data",
+            help="also read every tensor once: NaN/Inf values (exit 2), all-zero tensors",
+        ),
+        json: bool = json_option(),
+    ) -> None:
         """Parameters, bytes, formats, memory per GPU count and validation problems, from headers only."""
+        from dsv3tools.checkpoint.data_check import check_data as scan
         from dsv3tools.checkpoint.inspect import inspect_checkpoint
 
-        r = inspect_checkpoint(model)
+        try:
+            r = inspect_checkpoint(model)
+        except ValidationError as e:  # broken files, index or config: list every failure, then exit 2
+            emit({"path": model, "problems": e.problems}, json, _render_problems)
+            raise
+        if check_data:
+            with progress_bar(r["bytes_total"], "check-data", show_progress(json)) as advance:
+                data = scan(model, progress=advance)
+            r["problems"] += data["problems"]
+            r["zero_tensors"] = data["zero_tensors"]
         emit(r, json, _render)
         if r["problems"]:
             more = f" (+{len(r['problems']) - 1} more)" if len(r["problems"]) > 1 else ""

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3tools.checkpoint.reader import map_shard, read_header, tensor_view
+from dsv3tools.checkpoint.validate import validate_checkpoint
 from dsv3tools.config import ModelConfig
 from dsv3tools.converters.reshard_rules import split_rule
 from dsv3tools.errors import DSV3Error
@@ -164,6 +165,7 @@ def load_resharded(
         raise DSV3Error(
             f"{folder}: {flag} does not apply to a resharded folder (each rank maps its own files); drop it"
         )
+    validate_checkpoint(folder)  # the gate (SPEC sec. 14): placement, rank indexes and files, before any work
     manifest = _read_json(folder / MANIFEST)
     placement = _read_json(folder / PLACEMENT)
     cfg = ModelConfig.from_file(folder / "config.json")
