@@ -31,27 +31,32 @@ def load_model(
     offload: bool = False,
     attn_impl: str = "absorb",
     materialize: bool = False,
+    indexer_precision: str = "float32",
 ) -> Transformer:
     """A :class:`Transformer` over the checkpoint at ``path``, weights attached in place (SPEC sec. 2).
 
     ``dtype`` is the compute dtype (default bf16); ``backend`` auto | dequant | torch | triton (auto: the
     exact dequantizing path on CPU, the Triton kernels on CUDA); ``offload`` streams layers from disk;
     ``materialize`` converts the weights once at load into the compute dtype (faster, same logits, more
-    memory). A resharded folder takes ``device``, ``dtype``, ``backend`` and ``attn_impl`` (each rank maps
+    memory); ``indexer_precision`` float32 | fp8 scores V3.2's DSA indexer (SPEC sec. 11). A resharded
+    folder takes ``device``, ``dtype``, ``backend`` and ``attn_impl`` (each rank maps
     its own files).
     """
     path = Path(path)
     for owns, loader in LOADERS:
         if owns(path):
             if loader is load_resharded:
-                return loader(path, device=device, dtype=dtype, backend=backend, attn_impl=attn_impl)
-            return loader(
-                path,
-                device=device,
-                dtype=dtype,
-                backend=backend,
-                offload=offload,
-                attn_impl=attn_impl,
-                materialize=materialize,
-            )
+                model = loader(path, device=device, dtype=dtype, backend=backend, attn_impl=attn_impl)
+            else:
+                model = loader(
+                    path,
+                    device=device,
+                    dtype=dtype,
+                    backend=backend,
+                    offload=offload,
+                    attn_impl=attn_impl,
+                    materialize=materialize,
+                )
+            model.set_indexer_precision(indexer_precision)
+            return model
     raise AssertionError("unreachable: the last loader owns every path")
