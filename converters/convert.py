@@ -121,6 +121,8 @@ def int4_ignore(ck: Checkpoint, scope: str) -> list[str]:
     """compressed-tensors ``ignore`` entries: every Linear module left unquantized, matched the way vLLM
     matches them (``re:`` entries with ``re.match`` on the module name, fused modules by their parts)."""
     ignore = ["lm_head", r"re:.*mlp\.gate$", r"re:.*eh_proj$", r"re:.*shared_head\.head$"]
+    if ck.config.has_indexer:  # V3.2: the indexer's head weights stay bf16 (SPEC sec. 11)
+        ignore.append(r"re:.*indexer\.weights_proj$")
     if scope == "experts":
         ignore += [r"re:.*self_attn.*", r"re:.*mlp\.shared_experts.*"]
         dense = [str(i) for i in range(ck.config.num_hidden_layers) if not ck.config.is_moe(i)]

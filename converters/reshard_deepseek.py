@@ -31,6 +31,12 @@ DEMO_NAMES = {
     "lm_head": "head",
 }
 _REVERSE = {v: k for k, v in DEMO_NAMES.items()}
+# V3.2's convert.py keeps the DSA indexer's modules under their own names (``attn.indexer.wq_b`` ...)
+INDEXER_MODULES = ("wq_b", "wk", "k_norm", "weights_proj")
+
+
+def _is_indexer(parts: list[str]) -> bool:
+    return len(parts) >= 3 and parts[-3] == "indexer" and parts[-2] in INDEXER_MODULES
 
 
 def demo_name(hf_name: str) -> str:
@@ -40,6 +46,8 @@ def demo_name(hf_name: str) -> str:
     name = name.replace("self_attn", "attn").replace("mlp", "ffn")
     name = name.replace("weight_scale_inv", "scale").replace("e_score_correction_bias", "bias")
     parts = name.split(".")
+    if _is_indexer(parts):
+        return name
     key = parts[-2]
     if key not in DEMO_NAMES:
         raise KeyError(f"{hf_name}: no short name in DeepSeek's demo for module {key!r}")
@@ -50,10 +58,12 @@ def demo_name(hf_name: str) -> str:
 def hf_name(short: str) -> str:
     """The inverse of :func:`demo_name`."""
     parts = short.split(".")
-    parts[-2] = _REVERSE[parts[-2]]
+    indexer = _is_indexer(parts)
+    if not indexer:
+        parts[-2] = _REVERSE[parts[-2]]
     if parts[-1] == "scale":
         parts[-1] = "weight_scale_inv"
-    elif parts[-1] == "bias":
+    elif parts[-1] == "bias" and not indexer:
         parts[-1] = "e_score_correction_bias"
     name = ".".join(parts).replace(".attn.", ".self_attn.").replace(".ffn.", ".mlp.")
     return name if name.startswith("lm_head.") else "model." + name
@@ -89,7 +99,22 @@ def demo_config(cfg: ModelConfig) -> dict:
         "beta_fast": int(rs.get("beta_fast", 32)),
         "beta_slow": int(rs.get("beta_slow", 1)),
         "mscale": float(rs.get("mscale", 1.0)),
+        **_v32_fields(cfg),
     }
+
+
+def _v32_fields(cfg: ModelConfig) -> dict:
+    """The V3.2 demo's extra ``ModelArgs`` (config_671B_v3.2.json): scale format and the indexer sizes."""
+    if not cfg.has_indexer:
+        return {}
+    out = {
+        "index_n_heads": cfg.index_n_heads,
+        "index_head_dim": cfg.index_head_dim,
+        "index_topk": cfg.index_topk,
+    }
+    if cfg.quant.method == "fp8" and cfg.quant.scale_fmt != "float":
+        out["scale_fmt"] = cfg.quant.scale_fmt
+    return out
 
 
 def contiguous_phy2log(num_experts: int) -> list[int]:

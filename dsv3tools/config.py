@@ -43,7 +43,13 @@ _OPTIONAL: dict[str, Any] = {
     "eos_token_id": 1,
     "num_nextn_predict_layers": 0,
     "moe_layer_freq": 1,
+    # DeepSeek-V3.2 (model_type deepseek_v32): the DSA lightning indexer (SPEC sec. 11); 0 = no indexer
+    "index_n_heads": 0,
+    "index_head_dim": 0,
+    "index_topk": 0,
+    "indexer_rope_interleave": False,
 }
+MODEL_TYPES = (None, "deepseek_v3", "deepseek_v32")
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,10 @@ class ModelConfig:
     eos_token_id: int = 1
     num_nextn_predict_layers: int = 0
     moe_layer_freq: int = 1
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+    indexer_rope_interleave: bool = False
     rope_scaling: tuple[tuple[str, Any], ...] = ()
     quant: QuantConfig = QuantConfig()
     raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -121,10 +131,16 @@ class ModelConfig:
     def from_dict(cls, d: dict, where: str = "config.json") -> ModelConfig:
         """Validate a config.json dict; errors name the file and the field."""
         arch = d.get("model_type")
-        if arch not in (None, "deepseek_v3"):
+        if arch not in MODEL_TYPES:
             raise DSV3Error(
-                f"{where}: model_type is {arch!r}, not deepseek_v3; point --model at a DeepSeek-V3 checkpoint"
+                f"{where}: model_type is {arch!r}, not deepseek_v3 or deepseek_v32; point --model at a DeepSeek-V3 checkpoint"
             )
+        if arch == "deepseek_v32":
+            missing_index = [k for k in ("index_n_heads", "index_head_dim", "index_topk") if not d.get(k)]
+            if missing_index:
+                raise DSV3Error(
+                    f"{where}: a deepseek_v32 config needs {', '.join(missing_index)} (SPEC sec. 11)"
+                )
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise DSV3Error(f"{where}: not a DeepSeek-V3 config, missing {', '.join(missing)}")
@@ -179,6 +195,8 @@ class ModelConfig:
         for ok, rule in rules:
             if not ok:
                 raise DSV3Error(f"{where}: {rule}")
+        if self.has_indexer and not self.qk_rope_head_dim < self.index_head_dim:
+            raise DSV3Error(f"{where}: index_head_dim must exceed qk_rope_head_dim (the indexer's rope part)")
         rs = self.rope_scaling_dict
         if rs and rs.get("type", rs.get("rope_type")) not in ("yarn", None):
             raise DSV3Error(f"{where}: rope_scaling type {rs.get('type')!r} is not yarn")
@@ -187,6 +205,11 @@ class ModelConfig:
     @property
     def rope_scaling_dict(self) -> dict:
         return dict(self.rope_scaling)
+
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek-V3.2: every layer (MTP included) has the DSA lightning indexer."""
+        return self.index_n_heads > 0 and self.index_topk > 0
 
     @property
     def qk_head_dim(self) -> int:

@@ -13,6 +13,7 @@ GPU_COUNTS = (1, 8, 16, 32, 64, 128, 320)
 COMPONENTS = (
     "embed",
     "attention",
+    "indexer",
     "dense_mlp",
     "routed_experts",
     "shared_experts",

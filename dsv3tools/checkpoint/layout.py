@@ -4,7 +4,7 @@ storage format names them on disk (HF names). The one mapping table from logical
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dsv3tools.config import ModelConfig
 
@@ -98,6 +98,7 @@ def layer_weights(cfg: ModelConfig, layer: int) -> list[Weight]:
         Weight(f"{p}.input_layernorm.weight", (h,), att, layer),
         Weight(f"{p}.post_attention_layernorm.weight", (h,), att, layer),
     ]
+    ws += indexer_weights(cfg, layer)
     if not cfg.is_moe(layer):
         ws += _mlp(f"{p}.mlp", cfg.intermediate_size, h, "dense_mlp", layer)
     else:
@@ -128,7 +129,7 @@ def layer_weights(cfg: ModelConfig, layer: int) -> list[Weight]:
             Weight(f"{p}.shared_head.norm.weight", (h,), "mtp", layer),
             Weight(f"{p}.shared_head.head.weight", (cfg.vocab_size, h), "mtp", layer),
         ]
-    return ws
+    return _float32_norms(cfg, ws)
 
 
 def model_weights(cfg: ModelConfig) -> list[Weight]:
@@ -141,7 +142,32 @@ def model_weights(cfg: ModelConfig) -> list[Weight]:
     ws.append(Weight("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), "head"))
     for layer in cfg.mtp_layers:
         ws += layer_weights(cfg, layer)
-    return ws
+    return _float32_norms(cfg, ws)
+
+
+# ---- DeepSeek-V3.2 (SPEC sec. 10, 11): the DSA lightning indexer of every layer, float32 norms -------------
+def indexer_weights(cfg: ModelConfig, layer: int) -> list[Weight]:
+    """The seven stored tensors of layer ``layer``'s indexer (none without one): ``wq_b`` and ``wk`` are FP8
+    linears, ``weights_proj`` a bf16 linear never quantized, ``k_norm`` a float32 LayerNorm."""
+    if not cfg.has_indexer:
+        return []
+    p = f"model.layers.{layer}.self_attn.indexer"
+    comp = "mtp" if layer >= cfg.num_hidden_layers else "indexer"
+    d = cfg.index_head_dim
+    return [
+        _lin(f"{p}.wq_b", cfg.index_n_heads * d, cfg.q_lora_rank, comp, layer),
+        _lin(f"{p}.wk", d, cfg.hidden_size, comp, layer),
+        Weight(f"{p}.k_norm.weight", (d,), comp, layer, dtype="F32"),
+        Weight(f"{p}.k_norm.bias", (d,), comp, layer, dtype="F32"),
+        _lin(f"{p}.weights_proj", cfg.index_n_heads, cfg.hidden_size, comp, layer, quantizable=False),
+    ]
+
+
+def _float32_norms(cfg: ModelConfig, ws: list[Weight]) -> list[Weight]:
+    """V3.2 stores every RMSNorm weight in float32 (V3: bf16)."""
+    if not cfg.has_indexer:
+        return ws
+    return [replace(w, dtype="F32") if w.name.endswith("norm.weight") and not w.linear else w for w in ws]
 
 
 def storage(

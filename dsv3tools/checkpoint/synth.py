@@ -120,16 +120,40 @@ PRESETS: dict[str, dict] = {
         "rope_scaling": dict(REAL_CONFIG["rope_scaling"], original_max_position_embeddings=1024),
     },
 }
+# DeepSeek-V3.2 (SPEC sec. 10, 11): what the family member changes on top of each preset; the indexer of the
+# scaled-down presets keeps index_head_dim a power of two (the fp8 scoring's Hadamard) above the rope part,
+# enough indexer heads that exact score ties are rare, and an index_topk below the test sequence lengths
+V32_CONFIG: dict = {
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+}
+V32_PRESETS: dict[str, dict] = {
+    "tiny": {"index_n_heads": 16, "index_head_dim": 64, "index_topk": 64},
+    "small": {"index_n_heads": 16, "index_head_dim": 128, "index_topk": 512},
+}
+FAMILIES = ("v3", "v3.2")
 SHARD_CAP = {"tiny": 2 * 10**6, "small": 100 * 10**6, "real-shape": 4 * 10**9, "full": 4_250_000_000}
 
 
 def preset_config(
-    preset: str, layers: int | None = None, experts: int | None = None, dtype: str = "fp8"
+    preset: str,
+    layers: int | None = None,
+    experts: int | None = None,
+    dtype: str = "fp8",
+    family: str = "v3",
 ) -> dict:
     """The config.json dict of a preset (``layers``/``experts`` cut the counts; ``full`` refuses cuts)."""
     if preset not in (*PRESETS, "real-shape", "full"):
         raise DSV3Error(f"unknown preset {preset!r}; use tiny, small, real-shape or full")
+    if family not in FAMILIES:
+        raise DSV3Error(f"unknown --family {family!r}; use one of {', '.join(FAMILIES)}")
     cfg = dict(REAL_CONFIG, **PRESETS.get(preset, {}))
+    if family == "v3.2":
+        cfg.update(V32_CONFIG, **V32_PRESETS.get(preset, {}))
+        cfg["quantization_config"] = dict(cfg["quantization_config"], scale_fmt="ue8m0")
     if preset == "full" and (layers or experts):
         raise DSV3Error(
             "--preset full is the complete release; use --preset real-shape with --layers/--experts"
@@ -161,7 +185,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
 def random_weight(w: Weight, seed: int) -> torch.Tensor:
     """Deterministic float32 values for a logical weight (scaled so a forward stays well conditioned)."""
     g = _generator(seed, w.name)
-    if w.name.endswith("e_score_correction_bias"):
+    if w.name.endswith(("e_score_correction_bias", "k_norm.bias")):
         return torch.randn(w.shape, generator=g) * 0.1
     if len(w.shape) == 1:
         return 1.0 + 0.1 * torch.randn(w.shape, generator=g)
@@ -173,8 +197,8 @@ def random_weight(w: Weight, seed: int) -> torch.Tensor:
 class _SynthProducer:
     """Produces each output tensor on demand; an FP8 weight and its scale come from one quantization."""
 
-    def __init__(self, weights: dict[str, Weight], seed: int, sparse: bool):
-        self.weights, self.seed, self.sparse = weights, seed, sparse
+    def __init__(self, weights: dict[str, Weight], seed: int, sparse: bool, scale_fmt: str = "float"):
+        self.weights, self.seed, self.sparse, self.scale_fmt = weights, seed, sparse, scale_fmt
         self._cache: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __call__(self, spec: OutSpec) -> torch.Tensor | None:
@@ -183,7 +207,7 @@ class _SynthProducer:
         w = self.weights[spec.key]
         if spec.dtype in ("F8_E4M3",) or spec.name.endswith("weight_scale_inv"):
             if self._cache is None or self._cache[0] != w.name:
-                self._cache = (w.name, fp8_block_quant(random_weight(w, self.seed)))
+                self._cache = (w.name, fp8_block_quant(random_weight(w, self.seed), scale_fmt=self.scale_fmt))
             q, s = self._cache[1]
             return q if spec.dtype == "F8_E4M3" else s
         return random_weight(w, self.seed).to(TORCH_DTYPES[spec.dtype])
@@ -199,12 +223,13 @@ def synthesize(
     experts: int | None = None,
     max_shard_bytes: int | None = None,
     overrides: dict | None = None,
+    family: str = "v3",
 ) -> dict:
     """Write a synthetic checkpoint; returns a summary (tensors, bytes, shards). ``overrides`` replaces
     config.json fields of the preset (e.g. more heads for tensor-parallel tests)."""
     if sparse and preset != "full":
         raise DSV3Error("--sparse is only for --preset full (the other presets hold real random data)")
-    cfg_dict = {**preset_config(preset, layers, experts, dtype), **(overrides or {})}
+    cfg_dict = {**preset_config(preset, layers, experts, dtype, family), **(overrides or {})}
     cfg = ModelConfig.from_dict(cfg_dict)
     fmt = "fp8" if dtype == "fp8" else "bf16"
     weights = model_weights(cfg)
@@ -216,7 +241,7 @@ def synthesize(
     job = WriteJob(
         out,
         shards,
-        _SynthProducer({w.name: w for w in weights}, seed, sparse),
+        _SynthProducer({w.name: w for w in weights}, seed, sparse, cfg.quant.scale_fmt),
         cfg_dict,
         "synth",
         {
@@ -226,6 +251,7 @@ def synthesize(
             "dtype": dtype,
             "layers": layers,
             "experts": experts,
+            "family": family,
         },
     )
     job.sparse = sparse

@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
     def synth_cmd(
         out: Path = typer.Option(..., "--out", help="output folder"),
         preset: str = typer.Option("tiny", "--preset", help="tiny | small | real-shape | full"),
+        family: str = typer.Option("v3", "--family", help="v3 | v3.2 (the family member, SPEC sec. 10)"),
         sparse: bool = typer.Option(False, "--sparse", help="with --preset full: data regions are holes"),
         dtype: str = typer.Option("fp8", "--dtype", help="fp8 | bf16"),
         seed: int = typer.Option(0, "--seed"),
@@ -25,7 +26,14 @@ def register(app: typer.Typer) -> None:
         from dsv3tools.checkpoint.synth import synthesize
 
         r = synthesize(
-            out, preset=preset, seed=seed, sparse=sparse, dtype=dtype, layers=layers, experts=experts
+            out,
+            preset=preset,
+            seed=seed,
+            sparse=sparse,
+            dtype=dtype,
+            layers=layers,
+            experts=experts,
+            family=family,
         )
         emit(
             r,

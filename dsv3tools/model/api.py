@@ -32,6 +32,7 @@ class LoadOptions(TypedDict, total=False):
     offload: bool
     attn_impl: str
     materialize: bool
+    indexer_precision: str  # V3.2's DSA indexer scoring: float32 (default) | fp8 (SPEC sec. 11)
 
 
 def load_model(path: str | Path, **options: Unpack[LoadOptions]) -> Transformer:
@@ -44,5 +45,8 @@ def load_model(path: str | Path, **options: Unpack[LoadOptions]) -> Transformer:
     path = Path(path)
     for owns, loader in LOADERS:
         if owns(path):
-            return loader(path, **options)
+            precision = options.pop("indexer_precision", "float32")
+            model = loader(path, **options)
+            model.set_indexer_precision(precision)
+            return model
     raise AssertionError("unreachable: the last loader owns every path")

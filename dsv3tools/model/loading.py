@@ -24,6 +24,7 @@ from dsv3tools.checkpoint.writer import TORCH_DTYPES
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
 from dsv3tools.model.attention import RMSNorm
+from dsv3tools.model.indexer import LayerNorm
 from dsv3tools.model.linear import Linear
 from dsv3tools.model.moe import Gate
 from dsv3tools.model.transformer import Embedding, Transformer
@@ -64,6 +65,8 @@ def missing_weights(model: Transformer) -> list[str]:
             out.append(f"{path}.weight")
         elif isinstance(m, Gate) and m.e_score_correction_bias is None:
             out.append(f"{path}.e_score_correction_bias")
+        elif isinstance(m, LayerNorm) and (m.weight is None or m.bias is None):
+            out.append(f"{path}.{'weight' if m.weight is None else 'bias'}")
     return out
 
 

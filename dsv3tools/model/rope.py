@@ -57,3 +57,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
     return out.reshape(shape).to(x.dtype)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the half-split layout: ``x[i]`` pairs with ``x[i + dim/2]`` (the V3.2 indexer's RoPE, SPEC sec. 11;
+    float32 math, result in ``x.dtype``)."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    extra = xf.dim() - cos.dim()  # head dims between T and the rotated dim
+    c = cos.reshape(*cos.shape[:2], *([1] * extra), cos.shape[-1])
+    s = sin.reshape(*sin.shape[:2], *([1] * extra), sin.shape[-1])
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)

@@ -19,6 +19,7 @@ from torch import nn
 
 from dsv3tools.config import ModelConfig
 from dsv3tools.model.attention import MLA, LayerCache, RMSNorm
+from dsv3tools.model.indexer import INDEXER_PRECISIONS, Indexer
 from dsv3tools.model.linear import Linear, resolve_model_backend
 from dsv3tools.model.moe import MLP, Gate, MoE
 from dsv3tools.model.rope import cos_sin, inv_freq
@@ -142,6 +143,14 @@ class Transformer(nn.Module):
             elif isinstance(m, Gate) and m.weight is not None:
                 m.weight = m.weight.float()
                 m.e_score_correction_bias = m.e_score_correction_bias.float()
+
+    def set_indexer_precision(self, precision: str) -> None:
+        """V3.2: score the DSA indexer in ``float32`` (the parity default) or ``fp8`` (DeepSeek's demo)."""
+        if precision not in INDEXER_PRECISIONS:
+            raise ValueError(f"indexer_precision must be one of {INDEXER_PRECISIONS}, got {precision!r}")
+        for m in self.modules():
+            if isinstance(m, Indexer):
+                m.precision = precision
 
     def set_attn_impl(self, attn_impl: str) -> None:
         for m in self.modules():
