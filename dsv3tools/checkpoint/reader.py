@@ -218,7 +218,7 @@ class Checkpoint:
         if fmt == "bf16" and self.info(f"{w.name}.weight").dtype == "F8_E4M3":
             fmt = "fp8"  # an FP8 weight whose scale is missing: report the missing scale
         if fmt is None:
-            fmt = {"fp8": "fp8", "int4": "int4"}.get(self.config.quant.method, "bf16")
+            fmt = self.config.quant.method if self.config.quant.method != "none" else "bf16"
         return storage(w, fmt, self.config.quant.block, self.config.quant.group_size)
 
     def problems(self) -> list[str]:
