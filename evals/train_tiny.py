@@ -2,7 +2,10 @@
 checkpoint in the real format; ``trained_tiny()`` caches the result so tests and the demo train once.
 
 The model is the tiny preset (MLA, MoE with 16 experts in 4 groups, one MTP layer) with fewer main layers.
-Training is deterministic (fixed seeds, data order and thread count): next-token loss plus
+Training is deterministic (fixed seeds, data order, one thread) and runs in a child process with the CPU
+code paths pinned (:data:`PINNED_ENV`: ATen's AVX2 kernels, MKL's AVX2 conditional-numerical-reproducibility
+mode), because float32 rounding differs between AVX2 and AVX-512 kernels and 400 steps of training amplify
+it into different weights (tinyfacts accuracy moves by a few questions). Loss: next-token plus
 ``mtp_lambda`` times the MTP loss (predicting token i+2 from the hidden state at i and token i+1), no
 auxiliary balance loss; instead, after every step each MoE layer's router bias moves by
 ``bias_gamma * sign(mean load - load_e)`` (DeepSeek-V3's auxiliary-loss-free balancing).
@@ -20,6 +23,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,6 +37,14 @@ from dsv3tools.evals import corpus
 from dsv3tools.evals.corpus import CorpusConfig
 
 REPORT = "train_report.json"
+# read by torch and MKL at start-up only, so they are set for a child process: the same kernels (and so the same
+# float32 rounding) on every x86-64 CPU with AVX2; ignored elsewhere (see the README on what varies)
+PINNED_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,7 @@ def train(cfg: TrainConfig):
     model.set_attn_impl("absorb")
     report = evaluate_heldout(model, cfg, data)
     report.update(curve=curve, train_seconds=time.perf_counter() - t0, config=asdict(cfg))
+    report.update(cpu_capability=torch.backends.cpu.get_cpu_capability(), mkl_cbwr=os.environ.get("MKL_CBWR"))
     return model.eval(), report
 
 
@@ -208,6 +222,28 @@ def train_and_save(out: str | Path, cfg: TrainConfig | None = None) -> dict:
     return report
 
 
+def config_from_dict(d: dict) -> TrainConfig:
+    """The inverse of ``dataclasses.asdict`` for :class:`TrainConfig`."""
+    return TrainConfig(**{**d, "corpus": CorpusConfig(**d["corpus"])})
+
+
+def train_pinned(out: str | Path, cfg: TrainConfig) -> dict:
+    """:func:`train_and_save` in a child process started with :data:`PINNED_ENV`; returns its report."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsv3tools.evals.train_tiny",
+        "--out",
+        str(out),
+        "--config",
+        json.dumps(asdict(cfg)),
+    ]
+    r = subprocess.run(cmd, env={**os.environ, **PINNED_ENV}, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"training the tiny model failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads((Path(out) / REPORT).read_text())
+
+
 def cache_key(cfg: TrainConfig) -> str:
     """Hash of the training code, the corpus code and the config."""
     h = hashlib.sha256()
@@ -234,7 +270,7 @@ def trained_tiny(cache: bool = True, cfg: TrainConfig | None = None, root: str |
             return final
         tmp = base / f".{final.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        train_and_save(tmp, cfg)
+        train_pinned(tmp, cfg)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     return final
@@ -244,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output checkpoint folder")
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
+    ap.add_argument("--config", help="a whole TrainConfig as JSON (overrides --steps)")
     args = ap.parse_args(argv)
-    report = train_and_save(args.out, TrainConfig(steps=args.steps))
+    cfg = config_from_dict(json.loads(args.config)) if args.config else TrainConfig(steps=args.steps)
+    report = train_and_save(args.out, cfg)
     keys = ("heldout_loss", "heldout_mtp_loss", "unigram_loss", "train_seconds")
     print(json.dumps({k: report[k] for k in keys}))
     return 0

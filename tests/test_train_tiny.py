@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsv3tools.checkpoint.reader import Checkpoint
-from dsv3tools.evals.train_tiny import REPORT, balance_router_bias, pack, trained_tiny, unigram_ce
+from dsv3tools.evals.train_tiny import PINNED_ENV, REPORT, balance_router_bias, pack, trained_tiny, unigram_ce
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny ops: one thread is faster than two on shared cores
 
@@ -39,6 +39,14 @@ def test_heldout_loss_far_below_unigram(trained: Path) -> None:
     assert r["heldout_mtp_loss"] < r["unigram_loss"]
     for loads in r["heldout_expert_loads"].values():  # bias balancing keeps every expert in use
         assert min(loads) > 0
+
+
+def test_training_ran_on_the_pinned_code_paths(trained: Path) -> None:
+    """The weights come from the child process with PINNED_ENV, not from this process's native kernels."""
+    r = json.loads((trained / REPORT).read_text())
+    assert r["mkl_cbwr"] == PINNED_ENV["MKL_CBWR"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert r["cpu_capability"] == "AVX2"
 
 
 def test_task_accuracy_at_least_twice_chance(cli, trained: Path) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from typing_extensions import TypedDict, Unpack
 
 from dsv3tools.model.distributed import is_resharded, load_resharded
 from dsv3tools.model.loading import load_checkpoint
@@ -22,36 +23,26 @@ LOADERS: list[tuple[Callable[[Path], bool], Callable[..., Transformer]]] = [
 ]
 
 
-def load_model(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    backend: str = "auto",
-    offload: bool = False,
-    attn_impl: str = "absorb",
-    materialize: bool = False,
-) -> Transformer:
-    """A :class:`Transformer` over the checkpoint at ``path``, weights attached in place (SPEC sec. 2).
+class LoadOptions(TypedDict, total=False):
+    """What every loader takes besides the path (defaults are :func:`load_checkpoint`'s)."""
 
-    ``dtype`` is the compute dtype (default bf16); ``backend`` auto | dequant | torch | triton (auto: the
-    exact dequantizing path on CPU, the Triton kernels on CUDA); ``offload`` streams layers from disk;
-    ``materialize`` converts the weights once at load into the compute dtype (faster, same logits, more
-    memory). A resharded folder takes ``device``, ``dtype``, ``backend`` and ``attn_impl`` (each rank maps
-    its own files).
-    """
+    device: str | torch.device
+    dtype: torch.dtype | None
+    backend: str
+    offload: bool
+    attn_impl: str
+    materialize: bool
+
+
+def load_model(path: str | Path, **options: Unpack[LoadOptions]) -> Transformer:
+    """A :class:`Transformer` over the checkpoint at ``path``, weights attached in place (SPEC sec. 2),
+    from the first loader in :data:`LOADERS` that owns the path. ``device`` (default cpu), ``dtype`` (the
+    compute dtype, default bf16), ``backend`` auto | dequant | torch | triton (auto: the exact dequantizing
+    path on CPU, the Triton kernels on CUDA), ``offload`` (stream layers from disk), ``attn_impl`` and
+    ``materialize`` (convert the weights once at load; faster, same logits, more memory) are
+    :func:`~dsv3tools.model.loading.load_checkpoint`'s options."""
     path = Path(path)
     for owns, loader in LOADERS:
         if owns(path):
-            if loader is load_resharded:
-                return loader(path, device=device, dtype=dtype, backend=backend, attn_impl=attn_impl)
-            return loader(
-                path,
-                device=device,
-                dtype=dtype,
-                backend=backend,
-                offload=offload,
-                attn_impl=attn_impl,
-                materialize=materialize,
-            )
+            return loader(path, **options)
     raise AssertionError("unreachable: the last loader owns every path")

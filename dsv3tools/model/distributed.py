@@ -150,12 +150,20 @@ def load_resharded(
     dtype: torch.dtype | None = None,
     backend: str = "auto",
     attn_impl: str = "absorb",
+    offload: bool = False,
+    materialize: bool = False,
     quiet_other_ranks: bool = True,
 ):
     """This rank's part of a resharded checkpoint as a model with the same call signature as
     :func:`dsv3tools.load_model`'s (full float32 logits on every rank). Needs torch.distributed with as
-    many ranks as the folder was resharded for (initialised here under torchrun)."""
+    many ranks as the folder was resharded for (initialised here under torchrun). ``offload`` and
+    ``materialize`` do not apply: each rank maps only its own files."""
     folder = Path(path)
+    if offload or materialize:
+        flag = "--offload" if offload else "--materialize"
+        raise DSV3Error(
+            f"{folder}: {flag} does not apply to a resharded folder (each rank maps its own files); drop it"
+        )
     manifest = _read_json(folder / MANIFEST)
     placement = _read_json(folder / PLACEMENT)
     cfg = ModelConfig.from_file(folder / "config.json")
