@@ -37,8 +37,8 @@ from dsv3tools.converters.fp_targets import (
     TARGETS,
     CastF16,
     TargetEncoder,
-    check_fp16_range,
     check_fp4_shape,
+    check_fp16_range,
     float_format,
     fp4_quantization_config,
 )
