@@ -32,11 +32,21 @@ from dsv3tools.checkpoint.writer import (
     plan_fingerprint,
     shard_name,
 )
+from dsv3tools.converters.fp_targets import (
+    FP4_TARGETS,
+    TARGETS,
+    CastF16,
+    TargetEncoder,
+    check_fp4_shape,
+    check_fp16_range,
+    float_format,
+    fp4_quantization_config,
+)
 from dsv3tools.converters.tensor_io import Location, ShardReader, write_shard_streaming
 from dsv3tools.errors import DSV3Error
 from dsv3tools.quant.bands import BAND_ELEMENTS, SourceWeight, encode_fp8, encode_int4, rel_error
 
-FORMATS = ("bf16", "fp8", "int4")
+FORMATS = ("bf16", "fp8", "int4", *TARGETS)
 BLOCK = (128, 128)
 FP8_QCONFIG = {
     "activation_scheme": "dynamic",
@@ -58,7 +68,7 @@ class ConvertOptions:
 
     def check(self) -> None:
         if self.to not in FORMATS:
-            raise DSV3Error(f"--to {self.to!r}: use bf16, fp8 or int4")
+            raise DSV3Error(f"--to {self.to!r}: use one of {', '.join(FORMATS)}")
         if self.int4_scope not in ("experts", "all"):
             raise DSV3Error(f"--int4-scope {self.int4_scope!r}: use experts or all")
         if self.int4_method not in ("rtn", "mse"):
@@ -79,7 +89,9 @@ class ConvertOptions:
                 "int4_scope": self.int4_scope,
                 "int4_method": self.int4_method,
             }
-        return {"to": "bf16"}
+        if self.to in FP4_TARGETS:
+            return {"to": self.to, "int4_scope": self.int4_scope}
+        return {"to": self.to}
 
 
 def is_routed_expert(w: Weight) -> bool:
@@ -88,7 +100,7 @@ def is_routed_expert(w: Weight) -> bool:
 
 def target_format(w: Weight, opts: ConvertOptions) -> str:
     """Storage format of one quantizable linear in the output."""
-    if opts.to == "int4" and opts.int4_scope == "experts" and not is_routed_expert(w):
+    if opts.to in ("int4", *FP4_TARGETS) and opts.int4_scope == "experts" and not is_routed_expert(w):
         return "bf16"
     return opts.to
 
@@ -133,8 +145,10 @@ def int4_ignore(ck: Checkpoint, scope: str) -> list[str]:
 
 def quantization_config(ck: Checkpoint, opts: ConvertOptions) -> dict | None:
     """The output's ``quantization_config`` (None: the key is removed, as for bf16)."""
-    if opts.to == "bf16":
+    if opts.to in ("bf16", "fp16"):
         return None
+    if opts.to in FP4_TARGETS:
+        return fp4_quantization_config(opts.to, int4_ignore(ck, opts.int4_scope))
     if opts.to == "fp8":
         return dict(FP8_QCONFIG, scale_fmt="ue8m0") if opts.scale_fmt == "ue8m0" else dict(FP8_QCONFIG)
     weights = {
@@ -181,9 +195,11 @@ def _weight_specs(ck: Checkpoint, w: Weight, src: dict, opts: ConvertOptions, in
     """Output tensors of one logical weight: copies keep the stored tensors, conversions re-encode."""
     stored = ck.storage_of(w)
     if w.linear and w.quantizable:
-        src_fmt = ck.linear_format(w.name)
+        src_fmt = float_format(infos, w.name)
         dst_fmt = target_format(w, opts)
         if not is_copy(src_fmt, dst_fmt, src, opts):
+            if dst_fmt in FP4_TARGETS:
+                check_fp4_shape(w, dst_fmt)
             if dst_fmt == "int4" and w.shape[1] % opts.group_size:
                 raise DSV3Error(
                     f"{w.name}: input dimension {w.shape[1]} is not a multiple of --group-size {opts.group_size}"
@@ -193,6 +209,13 @@ def _weight_specs(ck: Checkpoint, w: Weight, src: dict, opts: ConvertOptions, in
                 OutSpec(n, dt, sh, key=conv)
                 for n, (dt, sh) in storage(w, dst_fmt, BLOCK, opts.group_size).items()
             ]
+    if opts.to == "fp16":  # every BF16 tensor becomes F16
+        return [
+            OutSpec(n, "F16", infos[n].shape, key=CastF16(n))
+            if infos[n].dtype == "BF16"
+            else OutSpec(n, infos[n].dtype, infos[n].shape, key=None)
+            for n in stored
+        ]
     return [OutSpec(n, infos[n].dtype, infos[n].shape, key=None) for n in stored]
 
 
@@ -240,6 +263,7 @@ class ConvertProducer:
         self._scratch = torch.empty(0, dtype=torch.float32)
         self._out = [torch.empty(0, dtype=torch.bfloat16), torch.empty(0, dtype=torch.bfloat16)]
         self._turn = 0
+        self.targets = TargetEncoder(self.reader.get, ck.infos(), self.block)
         self._done: list[str] = []  # prefixes of encoded linears, oldest first, whose pages are not released
 
     def out_buffer(self, shape: tuple[int, int]) -> torch.Tensor:
@@ -264,7 +288,7 @@ class ConvertProducer:
         """Readahead of the source tensors of the linear that ``spec`` re-encodes (byte copies need none:
         they are copied in the kernel)."""
         conv = spec.key
-        if conv is None or (self._cache is not None and self._cache[0] == conv.prefix):
+        if not isinstance(conv, Conversion) or (self._cache is not None and self._cache[0] == conv.prefix):
             return
         for suffix in TENSOR_SUFFIXES:
             self.reader.prefetch(f"{conv.prefix}.{suffix}")
@@ -277,6 +301,8 @@ class ConvertProducer:
         conv = spec.key
         if conv is None:
             return self.reader.get(spec.name)
+        if isinstance(conv, CastF16):
+            return self.reader.get(spec.name).to(torch.float16)
         if self._cache is None or self._cache[0] != conv.prefix:
             self._cache = None
             self._cache = (conv.prefix, self.encode(conv))
@@ -296,6 +322,8 @@ class ConvertProducer:
     def encode(self, conv: Conversion) -> dict[str, torch.Tensor]:
         src = SourceWeight(self.reader.get, conv.prefix, conv.src_fmt, conv.shape, self.block)
         p = conv.prefix
+        if conv.dst_fmt in TARGETS:
+            return self.targets.encode(p, conv.src_fmt, conv.dst_fmt, conv.shape, self.out_buffer)
         if conv.dst_fmt == "bf16":
             out = self.out_buffer(conv.shape)
             return {f"{p}.weight": src.to_bf16(out=out, scratch=self.scratch(conv.shape[1]))}
@@ -328,6 +356,9 @@ def convert_job(model: str | Path, out: str | Path, opts: ConvertOptions) -> tup
     shards = plan_convert(ck, opts)
     qc = quantization_config(ck, opts)
     config = ck.config.to_dict(quantization_config=qc) if qc else ck.config.to_dict(quantization_config=None)
+    if opts.to == "fp16":
+        check_fp16_range(ck, tuple(ck.config.quant.block) if ck.config.quant.method == "fp8" else BLOCK)
+        config["torch_dtype"] = "float16"
     options = dict(opts.relevant(), source=source_fingerprint(ck))
     job = WriteJob(
         out,
@@ -344,7 +375,7 @@ def convert_job(model: str | Path, out: str | Path, opts: ConvertOptions) -> tup
 
 def plan_summary(ck: Checkpoint, job: WriteJob, opts: ConvertOptions) -> dict:
     """What a conversion would write: per output shard tensors and bytes, and the totals."""
-    converted = {t.key.prefix for s in job.shards for t in s.tensors if t.key is not None}
+    converted = {t.key.prefix for s in job.shards for t in s.tensors if isinstance(t.key, Conversion)}
     return {
         "model": str(ck.path),
         "out": str(job.out_dir),
@@ -361,7 +392,8 @@ def plan_summary(ck: Checkpoint, job: WriteJob, opts: ConvertOptions) -> dict:
 
 
 def _source_format(ck: Checkpoint) -> str:
-    fmts = {ck.linear_format(w.name) for w in ck.expected() if w.linear and w.quantizable}
+    infos = ck.infos()
+    fmts = {float_format(infos, w.name) for w in ck.expected() if w.linear and w.quantizable}
     return fmts.pop() if len(fmts) == 1 else "mixed"
 
 
@@ -420,7 +452,7 @@ def conversion_report(model: str | Path, out: str | Path, opts: ConvertOptions) 
     for w in src_ck.expected():
         if not (w.linear and w.quantizable):
             continue
-        sf, of = src_ck.linear_format(w.name), out_ck.linear_format(w.name)
+        sf, of = float_format(src_io.infos, w.name), float_format(out_io.infos, w.name)
         if is_copy(sf, of, sopts, opts):
             continue
         shape = (w.shape[0], w.shape[1])

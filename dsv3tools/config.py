@@ -52,9 +52,14 @@ _OPTIONAL: dict[str, Any] = {
 MODEL_TYPES = (None, "deepseek_v3", "deepseek_v32")
 
 
+# compressed-tensors W4A16 formats -> our linear format name
+_CT_FORMATS = {"pack-quantized": "int4", "nvfp4-pack-quantized": "nvfp4", "mxfp4-pack-quantized": "mxfp4"}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """How the linears of a checkpoint are stored: ``fp8`` blocks, ``int4`` compressed-tensors, or ``none``."""
+    """How the linears of a checkpoint are stored: ``fp8`` blocks, compressed-tensors ``int4`` / ``nvfp4`` /
+    ``mxfp4``, or ``none``."""
 
     method: str = "none"
     block: tuple[int, int] = (128, 128)
@@ -79,9 +84,13 @@ class QuantConfig:
             if not groups:
                 raise DSV3Error(f"{where}: compressed-tensors quantization_config has no config_groups")
             w = groups[0].get("weights") or {}
-            if w.get("num_bits") != 4 or qc.get("format") != "pack-quantized":
-                raise DSV3Error(f"{where}: only compressed-tensors pack-quantized int4 is supported")
-            return cls("int4", group_size=int(w.get("group_size", 128)), ignore=tuple(qc.get("ignore") or ()))
+            method = _CT_FORMATS.get(qc.get("format"))
+            if w.get("num_bits") != 4 or method is None:
+                raise DSV3Error(
+                    f"{where}: compressed-tensors format {qc.get('format')!r} is not supported "
+                    f"(use one of {', '.join(_CT_FORMATS)})"
+                )
+            return cls(method, group_size=int(w.get("group_size", 128)), ignore=tuple(qc.get("ignore") or ()))
         raise DSV3Error(f"{where}: unsupported quant_method {method!r} (expected fp8 or compressed-tensors)")
 
 

@@ -216,9 +216,11 @@ def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         "fp32": torch.float32,
         "bfloat16": torch.bfloat16,
         "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
     }
     if dtype not in names:
-        raise DSV3Error(f"dtype {dtype!r}: use float32 or bfloat16")
+        raise DSV3Error(f"dtype {dtype!r}: use float32, bfloat16 or float16")
     return names[dtype]
 
 
@@ -228,7 +230,9 @@ def dequantize_small(model: Any, max_bytes: int = 2**30) -> bool:
     rounding); a no-op for big models or other backends. True if it dequantized."""
     from dsv3tools.model.linear import Linear
 
-    layers = [m for m in model.modules() if isinstance(m, Linear) and m.fmt in ("fp8", "int4")]
+    layers = [
+        m for m in model.modules() if isinstance(m, Linear) and m.fmt in ("fp8", "int4", "nvfp4", "mxfp4")
+    ]
     if getattr(model, "backend", "dequant") != "dequant" or getattr(model, "streamer", None) is not None:
         return False
     size = sum(m.in_features * m.out_features for m in layers) * torch.finfo(model.dtype).bits // 8

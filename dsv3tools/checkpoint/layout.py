@@ -22,9 +22,17 @@ DTYPE_BYTES = {
     "I64": 8,
     "BOOL": 1,
 }
-FORMATS = ("fp8", "bf16", "int4")
+FORMATS = ("fp8", "bf16", "fp16", "int4", "nvfp4", "mxfp4")
 # the tensors a linear module may store under its prefix, over all formats
-TENSOR_SUFFIXES = ("weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape")
+TENSOR_SUFFIXES = (
+    "weight",
+    "weight_scale_inv",
+    "weight_packed",
+    "weight_scale",
+    "weight_shape",
+    "weight_global_scale",
+)
+FP4_GROUPS = {"nvfp4": 16, "mxfp4": 32}  # compressed-tensors NVFP4A16 / MXFP4A16 group sizes
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
 
@@ -176,12 +184,26 @@ def storage(
     """On-disk tensors of a logical weight in a storage format: ``{tensor name: (dtype, shape)}``.
 
     ``fmt`` is the weight's own format: ``fp8`` (codes + ``weight_scale_inv`` grid), ``int4``
-    (compressed-tensors ``weight_packed``/``weight_scale``/``weight_shape``) or ``bf16``.
+    (compressed-tensors ``weight_packed``/``weight_scale``/``weight_shape``), ``nvfp4`` / ``mxfp4``
+    (compressed-tensors ``weight_packed`` uint8 + ``weight_scale`` e4m3 / e8m0, NVFP4 also
+    ``weight_global_scale``), ``bf16`` or ``fp16``.
     """
-    if not w.linear or fmt == "bf16" or not w.quantizable:
+    if not w.linear or fmt in ("bf16", "fp16") or not w.quantizable:
         name = w.name if not w.linear else f"{w.name}.weight"
-        return {name: ("BF16" if w.linear else w.dtype, w.shape)}
+        if fmt == "fp16":
+            dtype = "F16" if w.linear or w.dtype == "BF16" else w.dtype
+        else:
+            dtype = "BF16" if w.linear else w.dtype
+        return {name: (dtype, w.shape)}
     out, inp = w.shape
+    if fmt in FP4_GROUPS:
+        specs = {
+            f"{w.name}.weight_packed": ("U8", (out, inp // 2)),
+            f"{w.name}.weight_scale": ("F8_E4M3" if fmt == "nvfp4" else "U8", (out, inp // FP4_GROUPS[fmt])),
+        }
+        if fmt == "nvfp4":
+            specs[f"{w.name}.weight_global_scale"] = ("F32", (1,))
+        return specs
     if fmt == "fp8":
         return {
             f"{w.name}.weight": ("F8_E4M3", w.shape),
@@ -206,7 +228,9 @@ def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
 def detect_format(names: set[str] | dict, prefix: str) -> str | None:
     """Storage format of the linear ``prefix`` from the tensor names present, or None if absent."""
     if f"{prefix}.weight_packed" in names:
-        return "int4"
+        if f"{prefix}.weight_global_scale" in names:
+            return "nvfp4"
+        return "int4" if f"{prefix}.weight_shape" in names else "mxfp4"
     if f"{prefix}.weight_scale_inv" in names:
         return "fp8"
     if f"{prefix}.weight" in names:

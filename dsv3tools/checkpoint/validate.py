@@ -82,7 +82,8 @@ def expected_weights(cfg: ModelConfig) -> list[Weight]:
 
 
 def default_format(cfg: ModelConfig) -> str:
-    return {"fp8": "fp8", "int4": "int4"}.get(cfg.quant.method, "bf16")
+    """The config's storage format for a linear whose own tensors do not say (``none``: bf16)."""
+    return cfg.quant.method if cfg.quant.method != "none" else "bf16"
 
 
 def stored_as(

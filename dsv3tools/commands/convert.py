@@ -1,4 +1,4 @@
-"""``dsv3tools convert``: fp8 blocks / bf16 / int4 to any other, streaming shard by shard."""
+"""``dsv3tools convert``: fp8 blocks / bf16 / int4 / nvfp4 / mxfp4 / fp16, any to any other, streaming shard by shard."""
 
 from __future__ import annotations
 
@@ -48,10 +48,12 @@ def register(app: typer.Typer) -> None:
     @app.command("convert")
     def convert_cmd(
         model: str = model_option(),
-        to: str = typer.Option(..., "--to", help="bf16 | fp8 | int4"),
+        to: str = typer.Option(..., "--to", help="bf16 | fp8 | int4 | nvfp4 | mxfp4 | fp16"),
         out: Path = typer.Option(None, "--out", help="output folder (default: sibling <model>-<to>)"),
         group_size: int = typer.Option(128, "--group-size", help="int4 group size along the input dimension"),
-        int4_scope: str = typer.Option("experts", "--int4-scope", help="experts (routed experts only) | all"),
+        int4_scope: str = typer.Option(
+            "experts", "--int4-scope", help="experts (routed experts only) | all (int4, nvfp4, mxfp4)"
+        ),
         int4_method: str = typer.Option("rtn", "--int4-method", help="rtn | mse (per-group clipping search)"),
         scale_fmt: str = typer.Option("float", "--scale-fmt", help="fp8 block scales: float | ue8m0"),
         workers: int = typer.Option(
@@ -62,7 +64,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, write nothing"),
         json: bool = json_option(),
     ) -> None:
-        """Convert between FP8 blocks, BF16 and int4 (compressed-tensors W4A16); resumable, --part for many hosts."""
+        """Convert between FP8 blocks, BF16, FP16, int4, NVFP4 and MXFP4 (compressed-tensors W4A16); resumable, --part for many hosts."""
         from dsv3tools.converters.convert import ConvertOptions, convert_job, plan_summary, run_job
 
         opts = ConvertOptions(to, group_size, int4_scope, int4_method, scale_fmt)

@@ -2,7 +2,8 @@
 
 A :class:`Linear` holds exactly the tensors the checkpoint stores under its module prefix (HF names):
 ``weight`` (bf16/float, or e4m3 codes) with ``weight_scale_inv`` (FP8 block grid), or compressed-tensors
-int4 ``weight_packed`` / ``weight_scale`` / ``weight_shape``. Nothing is allocated at construction; the
+int4 ``weight_packed`` / ``weight_scale`` / ``weight_shape``, NVFP4 ``weight_packed`` / ``weight_scale`` /
+``weight_global_scale`` or MXFP4 ``weight_packed`` / ``weight_scale`` (uint8 codes and exponents). Nothing is allocated at construction; the
 loader attaches (memory-mapped) tensors afterwards, so a model is never materialized twice.
 
 Backends (model-wide): ``dequant`` dequantizes the weight to the compute dtype per use (for FP8 exactly the
@@ -32,6 +33,7 @@ from torch import nn
 
 from dsv3tools.checkpoint.layout import TENSOR_SUFFIXES
 from dsv3tools.errors import DSV3Error
+from dsv3tools.quant.fp4 import mxfp4_dequant, nvfp4_dequant
 from dsv3tools.quant.fp8_lut import fp8_dequant_into
 from dsv3tools.quant.reference import fp8_block_dequant, int4_dequant
 
@@ -100,9 +102,11 @@ class Linear(nn.Module):
 
     @property
     def fmt(self) -> str:
-        """``int4``, ``fp8``, ``float`` (bf16/f16/f32 weight) or ``empty`` (nothing attached)."""
+        """``int4``, ``nvfp4``, ``mxfp4``, ``fp8``, ``float`` (bf16/f16/f32 weight) or ``empty``."""
         if self.weight_packed is not None:
-            return "int4"
+            if self.weight_global_scale is not None:
+                return "nvfp4"
+            return "mxfp4" if self.weight_packed.dtype == torch.uint8 else "int4"
         if self.weight_scale_inv is not None:
             return "fp8"
         return "float" if self.weight is not None else "empty"
@@ -130,7 +134,8 @@ class Linear(nn.Module):
     def weight_shape_2d(self) -> tuple[int, int]:
         """``(out, in)`` of the stored weight (a tensor-parallel slice may differ from the declared sizes)."""
         if self.weight_packed is not None:
-            return self.weight_packed.shape[0], self.weight_packed.shape[1] * 8
+            per_word = 8 if self.weight_packed.dtype == torch.int32 else 2
+            return self.weight_packed.shape[0], self.weight_packed.shape[1] * per_word
         return tuple(self.weight.shape)
 
     def extra_repr(self) -> str:
@@ -182,6 +187,11 @@ def dequant_rows(layer: Linear, dtype: torch.dtype, start: int, stop: int | None
 
             return int4_weight_dequant(packed, scale, shape, dtype)
         return int4_dequant(packed, scale, shape, dtype)
+    if fmt == "nvfp4":
+        gs = layer.weight_global_scale
+        return nvfp4_dequant(layer.weight_packed[start:stop], layer.weight_scale[start:stop], gs, dtype)
+    if fmt == "mxfp4":
+        return mxfp4_dequant(layer.weight_packed[start:stop], layer.weight_scale[start:stop], dtype)
     raise DSV3Error("a linear layer has no weights attached; load the model with dsv3tools.load_model")
 
 

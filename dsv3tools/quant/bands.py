@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from dsv3tools.quant.fp4 import mxfp4_dequant, nvfp4_dequant
 from dsv3tools.quant.fp8_lut import fp8_dequant_into, fp8_dequant_lut
 from dsv3tools.quant.reference import INT4_MAX, cdiv, fp8_block_quant, int4_quant, int4_unpack
 
@@ -28,17 +29,19 @@ def bands(rows: int, cols: int, align: int = 128) -> Iterator[tuple[int, int]]:
 
 
 class SourceWeight:
-    """A quantizable linear as stored (``fp8``, ``bf16`` or ``int4``), readable as float32 bands."""
+    """A quantizable linear as stored (``fp8``, ``bf16``/``fp16``, ``int4``, ``nvfp4`` or ``mxfp4``), readable
+    as float32 bands."""
 
     def __init__(self, get: Getter, prefix: str, fmt: str, shape: tuple[int, int], block: tuple[int, int]):
         self.prefix, self.fmt, self.shape, self.block = prefix, fmt, shape, block
         if fmt == "fp8":
             self.q, self.s = get(f"{prefix}.weight"), get(f"{prefix}.weight_scale_inv")
-        elif fmt == "bf16":
+        elif fmt in ("bf16", "fp16"):
             self.w = get(f"{prefix}.weight")
-        elif fmt == "int4":
+        elif fmt in ("int4", "nvfp4", "mxfp4"):
             self.packed, self.scale = get(f"{prefix}.weight_packed"), get(f"{prefix}.weight_scale")
             self.group = shape[1] // self.scale.shape[1]
+            self.global_scale = get(f"{prefix}.weight_global_scale") if fmt == "nvfp4" else None
         else:
             raise ValueError(f"unknown source format {fmt!r}")
 
@@ -52,15 +55,21 @@ class SourceWeight:
             b0 = self.block[0]
             fp8_dequant_into(self.q[r0:r1], self.s[r0 // b0 : cdiv(r1, b0)], out, self.block)
             return out
-        if self.fmt == "bf16":
+        if self.fmt in ("bf16", "fp16"):
             return self.w[r0:r1].float() if out is None else out.copy_(self.w[r0:r1])
+        if self.fmt == "nvfp4":
+            w = nvfp4_dequant(self.packed[r0:r1], self.scale[r0:r1], self.global_scale, torch.float32)
+            return w if out is None else out.copy_(w)
+        if self.fmt == "mxfp4":
+            w = mxfp4_dequant(self.packed[r0:r1], self.scale[r0:r1], torch.float32)
+            return w if out is None else out.copy_(w)
         q = int4_unpack(self.packed[r0:r1], cols).float()
         w = (q.view(rows, -1, self.group) * self.scale[r0:r1].float().unsqueeze(-1)).view(rows, cols)
         return w if out is None else out.copy_(w)
 
     def to_bf16(self, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The bf16 weight: one float32 -> bf16 rounding of the float32 source."""
-        if self.fmt == "bf16":
+        if self.fmt == "bf16" and self.w.dtype == torch.bfloat16:
             return self.w
         out = torch.empty(self.shape, dtype=torch.bfloat16) if out is None else out
         if self.fmt == "fp8" and fp8_dequant_lut(self.q, self.s, out, self.block):
