@@ -271,3 +271,24 @@ def test_unreachable_hub_exits_2_fast(tmp_path: Path) -> None:
     assert r.returncode == 2 and elapsed < 10, (elapsed, r.stderr)
     assert "cannot reach the hub" in r.stderr and str(port) in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_complete_download_runs_the_gate(tmp_path: Path) -> None:
+    """Files identical to the hub's can still form a broken checkpoint (here the index lists a tensor no
+    shard holds): a download or --verify-only of the whole checkpoint runs the validation gate, exit 2."""
+    from dsv3tools.checkpoint.synth import synthesize
+
+    repo = tmp_path / "repo"
+    synthesize(repo, "tiny", seed=0)
+    index = json.loads((repo / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.self_attn.extra.weight"] = sorted(index["weight_map"].values())[0]
+    (repo / "model.safetensors.index.json").write_text(json.dumps(index))
+    with HubServer({REPO: repo}) as hub:
+        env = cli_env(hub.endpoint, tmp_path)
+        out = tmp_path / "dl"
+        for args in ([], ["--verify-only"]):
+            r = run_cli(["--local-dir", str(out), "--json", *args], env)
+            assert r.returncode == 2, r.stderr
+            assert "model.layers.0.self_attn.extra.weight" in r.stderr and r.stderr.strip().count("\n") == 0
+            assert "Traceback" not in r.stderr
+        assert same_bytes(out, repo, local_files(repo))  # the files themselves are the hub's

@@ -92,6 +92,7 @@ def run_download(
 
 
 def _finish(result: dl.Result, json_mode: bool, mode: str) -> dict:
+    from dsv3tools.checkpoint.validate import validate_checkpoint
     from dsv3tools.hub import download as dl
 
     report = result.to_dict() | {"mode": mode, "state_file": str(result.plan.local_dir / dl.STATE)}
@@ -112,6 +113,8 @@ def _finish(result: dl.Result, json_mode: bool, mode: str) -> dict:
             else "check the hub or mirror and re-run"
         )
         raise DSV3Error(f"{result.plan.local_dir / name}: {reason}{more}; {fix}")
+    if result.plan.include == ["all"]:  # a whole checkpoint on disk, every file as the hub has it: the gate too
+        validate_checkpoint(result.plan.local_dir)
     return report
 
 
