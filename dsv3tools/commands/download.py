@@ -113,7 +113,8 @@ def _finish(result: dl.Result, json_mode: bool, mode: str) -> dict:
             else "check the hub or mirror and re-run"
         )
         raise DSV3Error(f"{result.plan.local_dir / name}: {reason}{more}; {fix}")
-    if result.plan.include == ["all"]:  # a whole checkpoint on disk, every file as the hub has it: the gate too
+    # a whole checkpoint on disk, every file as the hub has it: the validation gate too
+    if result.plan.include == ["all"]:
         validate_checkpoint(result.plan.local_dir)
     return report
 
