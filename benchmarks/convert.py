@@ -24,6 +24,9 @@ real shape, a vocabulary of 8192) is small enough for both to fit, so the disk i
 ``--out-root /dev/shm --checkpoints A --no-cp`` writes the outputs to RAM instead (a stand-in for a disk
 faster than this machine's, and a different file system from the input's).
 
+``--peer llmcompressor`` instead times ours against llm-compressor's ``model_free_ptq`` (FP8_BLOCK and NVFP4A16
+from a bf16 real-shape input, see ``convert_peer.py``).
+
 Usage: ``python benchmarks/convert.py --workdir /tmp/cvbench`` (synthesizes what is missing; real-shape
 checkpoints of several GB; the outputs are deleted as soon as they are measured).
 """
@@ -217,9 +220,22 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="comma-separated --workers values")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--targets", default="bf16,int4", help="comma-separated: bf16, int4")
+    ap.add_argument(
+        "--peer", choices=["llmcompressor"], help="only ours against model_free_ptq (convert_peer.py)"
+    )
+    ap.add_argument(
+        "--peer-python", default="/work/venvs/h5-fp4-llmc/bin/python", help="llmcompressor's venv"
+    )
+    ap.add_argument("--peer-experts", type=int, default=8, help="routed experts of the --peer bf16 input")
     a = ap.parse_args()
     if a.naive:
         naive(Path(a.naive[0]), Path(a.naive[1]), a.naive[2])
+        return
+    if a.peer:
+        from convert_peer import bench_peer
+
+        print(f"load average: {os.getloadavg()}", flush=True)
+        bench_peer(a.workdir, a.peer_python, a.peer_experts, int(a.workers.split(",")[0]))
         return
     models = {
         name: ensure(a.workdir / CHECKPOINTS[name][0], *CHECKPOINTS[name][1:], 10**9)
