@@ -262,9 +262,14 @@ class ModelConfig:
             scale *= m * m
         return scale
 
+    def kv_cache_values_per_token_per_layer(self) -> int:
+        """MLA's compressed cache (kv_lora_rank + qk_rope_head_dim) plus, on V3.2, the DSA indexer's keys
+        (index_head_dim values per token per layer, cached beside the latent; SPEC sec. 11)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.has_indexer else 0)
+
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        """MLA compressed cache: (kv_lora_rank + qk_rope_head_dim) values per token per main layer."""
-        return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers * bytes_per_value
+        """The decode cache per token over the main layers (MLA latent + rope key, + indexer keys on V3.2)."""
+        return self.kv_cache_values_per_token_per_layer() * self.num_hidden_layers * bytes_per_value
 
     def to_dict(self, **overrides: Any) -> dict:
         """The original config.json dict with ``overrides`` applied (``None`` removes a key)."""

@@ -101,6 +101,6 @@ def inspect_checkpoint(path: str | Path) -> dict:
         },
         "memory": memory_table(cfg),
         "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(),
-        "kv_cache_values_per_token_per_layer": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+        "kv_cache_values_per_token_per_layer": cfg.kv_cache_values_per_token_per_layer(),
         "problems": problems,
     }

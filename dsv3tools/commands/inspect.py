@@ -41,7 +41,7 @@ def _render(con: Console, r: dict) -> None:
         m.add_row(fmt, *(human_bytes(v["per_gpu_bytes"][n]) for n in gpus))
     con.print(m)
     con.print(
-        f"MLA KV cache: {r['kv_cache_bytes_per_token']:,} bytes per token (bf16, "
+        f"KV cache: {r['kv_cache_bytes_per_token']:,} bytes per token (bf16, "
         f"{r['kv_cache_values_per_token_per_layer']} values per token per layer)"
     )
     for p in r["problems"][:20]:
