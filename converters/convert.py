@@ -45,6 +45,7 @@ from dsv3tools.converters.fp_targets import (
 from dsv3tools.converters.tensor_io import Location, ShardReader, write_shard_streaming
 from dsv3tools.errors import DSV3Error
 from dsv3tools.quant.bands import BAND_ELEMENTS, SourceWeight, encode_fp8, encode_int4, rel_error
+from dsv3tools.quant.ct_config import int4_ignore, int4_quantization_config
 
 FORMATS = ("bf16", "fp8", "int4", *TARGETS)
 BLOCK = (128, 128)
@@ -129,55 +130,17 @@ def is_copy(src_fmt: str, dst_fmt: str, src: dict, opts: ConvertOptions) -> bool
     return True
 
 
-def int4_ignore(ck: Checkpoint, scope: str) -> list[str]:
-    """compressed-tensors ``ignore`` entries: every Linear module left unquantized, matched the way vLLM
-    matches them (``re:`` entries with ``re.match`` on the module name, fused modules by their parts)."""
-    ignore = ["lm_head", r"re:.*mlp\.gate$", r"re:.*eh_proj$", r"re:.*shared_head\.head$"]
-    if ck.config.has_indexer:  # V3.2: the indexer's head weights stay bf16 (SPEC sec. 11)
-        ignore.append(r"re:.*indexer\.weights_proj$")
-    if scope == "experts":
-        ignore += [r"re:.*self_attn.*", r"re:.*mlp\.shared_experts.*"]
-        dense = [str(i) for i in range(ck.config.num_hidden_layers) if not ck.config.is_moe(i)]
-        if dense:
-            ignore.append(rf"re:model\.layers\.({'|'.join(dense)})\.mlp\..*")
-    return ignore
-
-
 def quantization_config(ck: Checkpoint, opts: ConvertOptions) -> dict | None:
     """The output's ``quantization_config`` (None: the key is removed, as for bf16)."""
     if opts.to in ("bf16", "fp16"):
         return None
     if opts.to in FP4_TARGETS:
-        return fp4_quantization_config(opts.to, int4_ignore(ck, opts.int4_scope))
+        return fp4_quantization_config(opts.to, int4_ignore(ck.config, opts.int4_scope))
     if opts.to == "fp8":
         return dict(FP8_QCONFIG, scale_fmt="ue8m0") if opts.scale_fmt == "ue8m0" else dict(FP8_QCONFIG)
-    weights = {
-        "num_bits": 4,
-        "type": "int",
-        "symmetric": True,
-        "strategy": "group",
-        "group_size": opts.group_size,
-        "dynamic": False,
-        "actorder": None,
-        "observer": "mse" if opts.int4_method == "mse" else "minmax",
-        "observer_kwargs": {},
-        "block_structure": None,
-    }
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": None,
-                "output_activations": None,
-            }
-        },
-        "ignore": int4_ignore(ck, opts.int4_scope),
-        "kv_cache_scheme": None,
-    }
+    return int4_quantization_config(
+        opts.group_size, opts.int4_method, int4_ignore(ck.config, opts.int4_scope)
+    )
 
 
 # ---- planning --------------------------------------------------------------------------------------

@@ -99,6 +99,11 @@ def _check_options(cfg: ModelConfig, opt: ReshardOptions) -> None:
     if cfg.quant.method == "int4":
         raise DSV3Error("reshard supports FP8 and BF16 checkpoints; convert --to fp8 (or bf16) first")
     if opt.fmt == "deepseek":
+        if cfg.family not in ("v3", "v3.1", "v3.2"):
+            raise DSV3Error(
+                f"--format deepseek: DeepSeek's demo loads v3, v3.1 and v3.2 only, this is {cfg.family}; "
+                "use --format dsv3tools"
+            )
         if opt.num_redundant:
             raise DSV3Error(
                 "--format deepseek holds no redundant experts (the demo places experts contiguously); drop --redundant-experts"

@@ -4,7 +4,7 @@ physical-slot names of routed experts, and the pieces (source tensor, dim, part)
 
 Split rules (HF names; the same for every decoder layer, the MTP layer included):
 
-* ``self_attn.q_b_proj``, ``self_attn.kv_b_proj``: dim 0, by heads;  ``self_attn.o_proj``: dim 1, by heads;
+* ``self_attn.q_b_proj`` (Moonlight: ``q_proj``), ``self_attn.kv_b_proj``: dim 0, by heads;  ``self_attn.o_proj``: dim 1, by heads;
 * dense ``mlp.{gate,up}_proj`` and ``mlp.shared_experts.{gate,up}_proj``: dim 0; their ``down_proj``: dim 1;
 * ``embed_tokens`` / ``lm_head`` (and the MTP copies ``embed_tokens``, ``shared_head.head``): dim 0, by vocab;
 * everything else (q_a_proj, kv_a_proj_with_mqa, norms, router weight and bias, eh_proj) whole on every rank;
@@ -32,6 +32,7 @@ _SUFFIXES = (".weight_scale_inv", ".weight")
 # module-name suffix -> (split dim, what the parts count: heads | rows | vocab)
 _MODULE_RULES: tuple[tuple[str, int, str], ...] = (
     ("self_attn.q_b_proj", 0, "heads"),
+    ("self_attn.q_proj", 0, "heads"),  # Moonlight (q_lora_rank null)
     ("self_attn.kv_b_proj", 0, "heads"),
     ("self_attn.o_proj", 1, "heads"),
     ("mlp.shared_experts.gate_proj", 0, "rows"),

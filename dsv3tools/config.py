@@ -24,7 +24,6 @@ _REQUIRED: dict[str, type] = {
     "topk_group": int,
     "routed_scaling_factor": float,
     "num_attention_heads": int,
-    "q_lora_rank": int,
     "kv_lora_rank": int,
     "qk_nope_head_dim": int,
     "qk_rope_head_dim": int,
@@ -35,6 +34,8 @@ _REQUIRED: dict[str, type] = {
     "max_position_embeddings": int,
 }
 _OPTIONAL: dict[str, Any] = {
+    # Moonlight: null = no query compression (one ``self_attn.q_proj``); stored as 0
+    "q_lora_rank": 0,
     "scoring_func": "sigmoid",
     "topk_method": "noaux_tc",
     "norm_topk_prob": True,
@@ -49,7 +50,15 @@ _OPTIONAL: dict[str, Any] = {
     "index_topk": 0,
     "indexer_rope_interleave": False,
 }
-MODEL_TYPES = (None, "deepseek_v3", "deepseek_v32")
+MODEL_TYPES = (None, "deepseek_v3", "deepseek_v32", "kimi_k2")
+FAMILIES = ("v3", "v3.1", "v3.2", "kimi-k2", "kimi-k2-thinking", "moonlight")
+# relatives of the architecture that are not in the family (SPEC sec. 10): model_type -> why
+_NOT_FAMILY = {
+    "deepseek_v2": "DeepSeek-V2/V2.5 (softmax routing without a correction bias)",
+    "deepseek_v4": "DeepSeek-V4 (a different attention and residual design)",
+    "mistral3": "Mistral Large 3 (Mistral-native tensor names)",
+    "mistral_large_3": "Mistral Large 3 (Mistral-native tensor names)",
+}
 
 
 # compressed-tensors W4A16 formats -> our linear format name
@@ -110,7 +119,6 @@ class ModelConfig:
     topk_group: int
     routed_scaling_factor: float
     num_attention_heads: int
-    q_lora_rank: int
     kv_lora_rank: int
     qk_nope_head_dim: int
     qk_rope_head_dim: int
@@ -119,6 +127,7 @@ class ModelConfig:
     rms_norm_eps: float
     rope_theta: float
     max_position_embeddings: int
+    q_lora_rank: int = 0
     scoring_func: str = "sigmoid"
     topk_method: str = "noaux_tc"
     norm_topk_prob: bool = True
@@ -140,9 +149,16 @@ class ModelConfig:
     def from_dict(cls, d: dict, where: str = "config.json") -> ModelConfig:
         """Validate a config.json dict; errors name the file and the field."""
         arch = d.get("model_type")
+        relative = not_family(d)
+        if relative:
+            raise DSV3Error(
+                f"{where}: {relative} is not supported: dsv3tools handles the DeepSeek-V3 family "
+                f"({', '.join(FAMILIES)}); point --model at one of those"
+            )
         if arch not in MODEL_TYPES:
             raise DSV3Error(
-                f"{where}: model_type is {arch!r}, not deepseek_v3 or deepseek_v32; point --model at a DeepSeek-V3 checkpoint"
+                f"{where}: model_type is {arch!r}, not one of deepseek_v3, deepseek_v32, kimi_k2; "
+                "point --model at a checkpoint of the DeepSeek-V3 family"
             )
         if arch == "deepseek_v32":
             missing_index = [k for k in ("index_n_heads", "index_head_dim", "index_topk") if not d.get(k)]
@@ -199,7 +215,8 @@ class ModelConfig:
             (self.scoring_func == "sigmoid", "scoring_func must be sigmoid"),
             (self.topk_method == "noaux_tc", "topk_method must be noaux_tc"),
             (self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0"),
-            (self.q_lora_rank > 0, "q_lora_rank must be > 0 (DeepSeek-V3 always compresses q)"),
+            (self.q_lora_rank >= 0, "q_lora_rank must be null or > 0"),
+            (not self.has_indexer or self.q_lora_rank > 0, "a deepseek_v32 config needs q_lora_rank > 0"),
         ]
         for ok, rule in rules:
             if not ok:
@@ -214,6 +231,18 @@ class ModelConfig:
     @property
     def rope_scaling_dict(self) -> dict:
         return dict(self.rope_scaling)
+
+    @property
+    def family(self) -> str:
+        """The family member (SPEC sec. 10, the ``--family`` names) from model_type, storage and fields."""
+        arch = self.raw.get("model_type")
+        if arch == "deepseek_v32" or self.has_indexer:
+            return "v3.2"
+        if arch == "kimi_k2":
+            return "kimi-k2-thinking" if self.quant.method == "int4" else "kimi-k2"
+        if not self.q_lora_rank:
+            return "moonlight"
+        return "v3.1" if self.quant.scale_fmt == "ue8m0" else "v3"
 
     @property
     def has_indexer(self) -> bool:
@@ -271,6 +300,11 @@ class ModelConfig:
         """The decode cache per token over the main layers (MLA latent + rope key, + indexer keys on V3.2)."""
         return self.kv_cache_values_per_token_per_layer() * self.num_hidden_layers * bytes_per_value
 
+    @property
+    def q_head_width(self) -> int:
+        """Rows of the query projection: ``num_attention_heads * qk_head_dim``."""
+        return self.num_attention_heads * self.qk_head_dim
+
     def to_dict(self, **overrides: Any) -> dict:
         """The original config.json dict with ``overrides`` applied (``None`` removes a key)."""
         d = dict(self.raw)
@@ -280,3 +314,17 @@ class ModelConfig:
             else:
                 d[k] = v
         return d
+
+
+def not_family(d: dict) -> str | None:
+    """The name of an unsupported relative (DeepSeek-V2/V2.5, V4, Mistral Large 3) a config.json dict
+    describes, from its model_type or architectures; None for anything else."""
+    arch = str(d.get("model_type") or "")
+    if arch in _NOT_FAMILY:
+        return _NOT_FAMILY[arch]
+    names = " ".join(str(a) for a in d.get("architectures") or ())
+    for key, why in (("DeepseekV2", "deepseek_v2"), ("DeepseekV4", "deepseek_v4"), ("Mistral", "mistral3")):
+        if key in names:
+            return _NOT_FAMILY[why]
+    text = d.get("text_config") if isinstance(d.get("text_config"), dict) else None
+    return not_family(text) if text else None

@@ -10,7 +10,6 @@ cache; ``loglikelihood_rolling`` (perplexity) uses lm-eval's disjoint rolling wi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,40 +20,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from dsv3tools.checkpoint.tokenizer import load_tokenizer
 from dsv3tools.errors import DSV3Error
 
 DEFAULT_MAX_GEN_TOKS = 256
-
-
-class ByteTokenizer:
-    """A ``tokenizer.json`` (HF tokenizers) plus the BOS/EOS ids and the add-BOS rule of its config."""
-
-    def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer
-
-        path = Path(path)
-        tok_file = path / "tokenizer.json" if path.is_dir() else path
-        if not tok_file.is_file():
-            raise DSV3Error(f"{tok_file}: no tokenizer.json; the checkpoint folder must ship its tokenizer")
-        self.tok = Tokenizer.from_file(str(tok_file))
-        cfg_file = tok_file.parent / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        self.add_bos = bool(cfg.get("add_bos_token", True))
-        self.bos_text = _token_text(cfg.get("bos_token"))
-        self.eos_text = _token_text(cfg.get("eos_token"))
-        self.bos_id = self.tok.token_to_id(self.bos_text) if self.bos_text else 0
-        self.eos_id = self.tok.token_to_id(self.eos_text) if self.eos_text else 1
-
-    def encode(self, text: str, add_bos: bool) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos else ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-
-def _token_text(t: Any) -> str | None:
-    return t.get("content") if isinstance(t, dict) else t
 
 
 @register_model("dsv3")
@@ -74,18 +43,20 @@ class DSV3LM(TemplateLM):
         **kwargs: Any,
     ):
         super().__init__()
+        if model is None and pretrained is None:
+            raise DSV3Error("DSV3LM needs pretrained=DIR or model=<loaded Transformer>")
+        tok_path = tokenizer or getattr(model, "tokenizer_path", None) or pretrained
+        if tok_path is None:
+            raise DSV3Error(
+                "DSV3LM: no tokenizer; pass tokenizer=DIR (a folder with tokenizer.json or tiktoken.model)"
+            )
+        self.tokenizer_ = load_tokenizer(tok_path)  # before the weights: a missing file fails fast
         if model is None:
-            if pretrained is None:
-                raise DSV3Error("DSV3LM needs pretrained=DIR or model=<loaded Transformer>")
             from dsv3tools.model.api import load_model
 
             model = load_model(pretrained, device=device, dtype=_torch_dtype(dtype))
             dequantize_small(model)
         self.model = model
-        tok_path = tokenizer or getattr(model, "tokenizer_path", None) or pretrained
-        if tok_path is None:
-            raise DSV3Error("DSV3LM: no tokenizer; pass tokenizer=DIR (a folder with tokenizer.json)")
-        self.tokenizer_ = ByteTokenizer(tok_path)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self._max_length = int(max_length or model.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)

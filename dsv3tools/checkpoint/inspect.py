@@ -42,11 +42,12 @@ def weight_bytes(cfg: ModelConfig, fmt: str, int4_scope: str = "experts", group:
 
 def memory_table(cfg: ModelConfig) -> dict[str, dict]:
     """Weight bytes per format, and per GPU for each GPU count (an even split, weights only)."""
+    group = cfg.quant.group_size if cfg.quant.method == "int4" else 128
     formats = {
         "fp8": weight_bytes(cfg, "fp8"),
         "bf16": weight_bytes(cfg, "bf16"),
-        "int4_experts": weight_bytes(cfg, "int4", "experts"),
-        "int4_all": weight_bytes(cfg, "int4", "all"),
+        "int4_experts": weight_bytes(cfg, "int4", "experts", group),
+        "int4_all": weight_bytes(cfg, "int4", "all", group),
     }
     return {
         fmt: {"total_bytes": b, "per_gpu_bytes": {str(n): -(-b // n) for n in GPU_COUNTS}}
@@ -83,6 +84,8 @@ def inspect_checkpoint(path: str | Path) -> dict:
     files = [ck.path / s for s in ck.shards]
     return {
         "path": str(ck.path),
+        "family": cfg.family,
+        "model_type": cfg.raw.get("model_type"),
         "format": fmt,
         "quantization": cfg.quant.method,
         "scale_fmt": cfg.quant.scale_fmt if cfg.quant.method == "fp8" else None,

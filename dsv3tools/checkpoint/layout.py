@@ -90,9 +90,7 @@ def layer_weights(cfg: ModelConfig, layer: int) -> list[Weight]:
     att = "mtp" if mtp else "attention"
     nh = cfg.num_attention_heads
     ws = [
-        _lin(f"{p}.self_attn.q_a_proj", cfg.q_lora_rank, h, att, layer),
-        Weight(f"{p}.self_attn.q_a_layernorm.weight", (cfg.q_lora_rank,), att, layer),
-        _lin(f"{p}.self_attn.q_b_proj", nh * cfg.qk_head_dim, cfg.q_lora_rank, att, layer),
+        *query_weights(cfg, layer, att),
         _lin(f"{p}.self_attn.kv_a_proj_with_mqa", cfg.kv_lora_rank + cfg.qk_rope_head_dim, h, att, layer),
         Weight(f"{p}.self_attn.kv_a_layernorm.weight", (cfg.kv_lora_rank,), att, layer),
         _lin(
@@ -138,6 +136,19 @@ def layer_weights(cfg: ModelConfig, layer: int) -> list[Weight]:
             Weight(f"{p}.shared_head.head.weight", (cfg.vocab_size, h), "mtp", layer),
         ]
     return _float32_norms(cfg, ws)
+
+
+def query_weights(cfg: ModelConfig, layer: int, comp: str) -> list[Weight]:
+    """The query projection: compressed (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``) or, with
+    ``q_lora_rank`` null (Moonlight), one ``q_proj`` from the hidden state."""
+    p = f"model.layers.{layer}.self_attn"
+    if not cfg.q_lora_rank:
+        return [_lin(f"{p}.q_proj", cfg.q_head_width, cfg.hidden_size, comp, layer)]
+    return [
+        _lin(f"{p}.q_a_proj", cfg.q_lora_rank, cfg.hidden_size, comp, layer),
+        Weight(f"{p}.q_a_layernorm.weight", (cfg.q_lora_rank,), comp, layer),
+        _lin(f"{p}.q_b_proj", cfg.q_head_width, cfg.q_lora_rank, comp, layer),
+    ]
 
 
 def model_weights(cfg: ModelConfig) -> list[Weight]:

@@ -1,4 +1,5 @@
-"""Synthetic checkpoints in the exact HF DeepSeek-V3 format, deterministic per seed.
+"""Synthetic checkpoints in the exact HF format of a family member (SPEC sec. 3, 10), deterministic per seed.
+The configs come from :mod:`dsv3tools.checkpoint.presets`; this module writes their tensors.
 
 Presets: ``tiny`` (CI, a few MB), ``small`` (forward benchmarks), ``real-shape`` (every tensor at its
 real shape, layer/expert counts cut by ``layers``/``experts``) and ``full`` (the whole release;
@@ -13,169 +14,14 @@ from pathlib import Path
 import torch
 
 from dsv3tools.checkpoint.layout import Weight, model_weights, storage
+from dsv3tools.checkpoint.presets import SHARD_CAP, TIKTOKEN_MEMBERS, preset_config
 from dsv3tools.checkpoint.tokenizer import tokenizer_files
 from dsv3tools.checkpoint.writer import TORCH_DTYPES, OutSpec, WriteJob, execute, plan_shards
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
-from dsv3tools.quant.reference import fp8_block_quant
+from dsv3tools.quant.reference import fp8_block_quant, int4_pack, int4_quant
 
-REAL_CONFIG: dict = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "model_type": "deepseek_v3",
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61,
-    "first_k_dense_replace": 3,
-    "moe_layer_freq": 1,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 8,
-    "n_group": 8,
-    "topk_group": 4,
-    "routed_scaling_factor": 2.5,
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
-    "norm_topk_prob": True,
-    "num_attention_heads": 128,
-    "num_key_value_heads": 128,
-    "q_lora_rank": 1536,
-    "kv_lora_rank": 512,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "rope_theta": 10000,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 40,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    },
-    "max_position_embeddings": 163840,
-    "rms_norm_eps": 1e-6,
-    "vocab_size": 129280,
-    "tie_word_embeddings": False,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "hidden_act": "silu",
-    "initializer_range": 0.02,
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "use_cache": True,
-    "torch_dtype": "bfloat16",
-    "num_nextn_predict_layers": 1,
-    "quantization_config": {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": [128, 128],
-    },
-}
-
-# scaled-down presets keep the real block size (128) so ragged scale grids and int4 groups occur
-PRESETS: dict[str, dict] = {
-    "tiny": {
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "moe_intermediate_size": 128,
-        "num_hidden_layers": 3,
-        "first_k_dense_replace": 1,
-        "n_routed_experts": 16,
-        "num_experts_per_tok": 4,
-        "n_group": 4,
-        "topk_group": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": 128,
-        "kv_lora_rank": 128,
-        "qk_nope_head_dim": 64,
-        "qk_rope_head_dim": 32,
-        "v_head_dim": 64,
-        "vocab_size": 512,
-        "max_position_embeddings": 5120,
-        "rope_scaling": dict(REAL_CONFIG["rope_scaling"], original_max_position_embeddings=128),
-    },
-    "small": {
-        "hidden_size": 1024,
-        "intermediate_size": 2816,
-        "moe_intermediate_size": 256,
-        "num_hidden_layers": 4,
-        "first_k_dense_replace": 1,
-        "n_routed_experts": 64,
-        "num_experts_per_tok": 6,
-        "n_group": 8,
-        "topk_group": 4,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "q_lora_rank": 384,
-        "kv_lora_rank": 256,
-        "qk_nope_head_dim": 64,
-        "qk_rope_head_dim": 32,
-        "v_head_dim": 64,
-        "vocab_size": 4096,
-        "max_position_embeddings": 32768,
-        "rope_scaling": dict(REAL_CONFIG["rope_scaling"], original_max_position_embeddings=1024),
-    },
-}
-# DeepSeek-V3.2 (SPEC sec. 10, 11): what the family member changes on top of each preset; the indexer of the
-# scaled-down presets keeps index_head_dim a power of two (the fp8 scoring's Hadamard) above the rope part,
-# enough indexer heads that exact score ties are rare, and an index_topk below the test sequence lengths
-V32_CONFIG: dict = {
-    "architectures": ["DeepseekV32ForCausalLM"],
-    "model_type": "deepseek_v32",
-    "index_n_heads": 64,
-    "index_head_dim": 128,
-    "index_topk": 2048,
-}
-V32_PRESETS: dict[str, dict] = {
-    "tiny": {"index_n_heads": 16, "index_head_dim": 64, "index_topk": 64},
-    "small": {"index_n_heads": 16, "index_head_dim": 128, "index_topk": 512},
-}
-FAMILIES = ("v3", "v3.2")
-SHARD_CAP = {"tiny": 2 * 10**6, "small": 100 * 10**6, "real-shape": 4 * 10**9, "full": 4_250_000_000}
-
-
-def preset_config(
-    preset: str,
-    layers: int | None = None,
-    experts: int | None = None,
-    dtype: str = "fp8",
-    family: str = "v3",
-) -> dict:
-    """The config.json dict of a preset (``layers``/``experts`` cut the counts; ``full`` refuses cuts)."""
-    if preset not in (*PRESETS, "real-shape", "full"):
-        raise DSV3Error(f"unknown preset {preset!r}; use tiny, small, real-shape or full")
-    if family not in FAMILIES:
-        raise DSV3Error(f"unknown --family {family!r}; use one of {', '.join(FAMILIES)}")
-    cfg = dict(REAL_CONFIG, **PRESETS.get(preset, {}))
-    if family == "v3.2":
-        cfg.update(V32_CONFIG, **V32_PRESETS.get(preset, {}))
-        cfg["quantization_config"] = dict(cfg["quantization_config"], scale_fmt="ue8m0")
-    if preset == "full" and (layers or experts):
-        raise DSV3Error(
-            "--preset full is the complete release; use --preset real-shape with --layers/--experts"
-        )
-    if preset == "real-shape":
-        layers = layers or 4
-        experts = experts or 16
-    if layers is not None:
-        if layers < 1:
-            raise DSV3Error(f"--layers {layers}: need at least 1 layer")
-        cfg["num_hidden_layers"] = layers
-        cfg["first_k_dense_replace"] = min(cfg["first_k_dense_replace"], max(layers - 1, 0))
-    if experts is not None:
-        if experts < 1 or experts % cfg["n_group"]:
-            raise DSV3Error(f"--experts {experts}: must be a positive multiple of n_group ({cfg['n_group']})")
-        cfg["n_routed_experts"] = experts
-        cfg["num_experts_per_tok"] = min(cfg["num_experts_per_tok"], experts)
-    if dtype == "bf16":
-        cfg.pop("quantization_config")
-    elif dtype != "fp8":
-        raise DSV3Error(f"--dtype {dtype!r}: use fp8 or bf16")
-    return cfg
+__all__ = ["preset_config", "random_weight", "synthesize", "weight_format"]
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -194,22 +40,45 @@ def random_weight(w: Weight, seed: int) -> torch.Tensor:
     return torch.randn(w.shape, generator=g) * w.shape[1] ** -0.5
 
 
-class _SynthProducer:
-    """Produces each output tensor on demand; an FP8 weight and its scale come from one quantization."""
+def weight_format(cfg: ModelConfig, w: Weight) -> str:
+    """How the checkpoint described by ``cfg`` stores the linear ``w``: its quantization method for the
+    linears it covers (int4: the routed experts, as Kimi-K2-Thinking), bf16 for the rest."""
+    method = cfg.quant.method
+    if method == "int4":
+        return "int4" if ".mlp.experts." in w.name else "bf16"
+    return "fp8" if method == "fp8" else "bf16"
 
-    def __init__(self, weights: dict[str, Weight], seed: int, sparse: bool, scale_fmt: str = "float"):
-        self.weights, self.seed, self.sparse, self.scale_fmt = weights, seed, sparse, scale_fmt
-        self._cache: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+class _SynthProducer:
+    """Produces each output tensor on demand; a quantized weight and its scales come from one quantization."""
+
+    def __init__(self, weights: dict[str, Weight], seed: int, sparse: bool, cfg: ModelConfig):
+        self.weights, self.seed, self.sparse = weights, seed, sparse
+        self.scale_fmt, self.group = cfg.quant.scale_fmt, cfg.quant.group_size
+        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def _quantized(self, w: Weight, fp8: bool) -> dict[str, torch.Tensor]:
+        if self._cache is None or self._cache[0] != w.name:
+            x = random_weight(w, self.seed)
+            if fp8:
+                q, s = fp8_block_quant(x, scale_fmt=self.scale_fmt)
+                parts = {"weight": q, "weight_scale_inv": s}
+            else:
+                q, s = int4_quant(x, self.group)
+                shape = torch.tensor(list(w.shape), dtype=torch.int64)
+                parts = {"weight_packed": int4_pack(q), "weight_scale": s, "weight_shape": shape}
+            self._cache = (w.name, parts)
+        return self._cache[1]
 
     def __call__(self, spec: OutSpec) -> torch.Tensor | None:
         if self.sparse:
             return None
         w = self.weights[spec.key]
-        if spec.dtype in ("F8_E4M3",) or spec.name.endswith("weight_scale_inv"):
-            if self._cache is None or self._cache[0] != w.name:
-                self._cache = (w.name, fp8_block_quant(random_weight(w, self.seed), scale_fmt=self.scale_fmt))
-            q, s = self._cache[1]
-            return q if spec.dtype == "F8_E4M3" else s
+        suffix = spec.name.rpartition(".")[2]
+        if w.linear and (spec.dtype == "F8_E4M3" or suffix == "weight_scale_inv"):
+            return self._quantized(w, fp8=True)[suffix]
+        if w.linear and suffix in ("weight_packed", "weight_scale", "weight_shape"):
+            return self._quantized(w, fp8=False)[suffix]
         return random_weight(w, self.seed).to(TORCH_DTYPES[spec.dtype])
 
 
@@ -218,7 +87,7 @@ def synthesize(
     preset: str = "tiny",
     seed: int = 0,
     sparse: bool = False,
-    dtype: str = "fp8",
+    dtype: str | None = None,
     layers: int | None = None,
     experts: int | None = None,
     max_shard_bytes: int | None = None,
@@ -231,17 +100,18 @@ def synthesize(
         raise DSV3Error("--sparse is only for --preset full (the other presets hold real random data)")
     cfg_dict = {**preset_config(preset, layers, experts, dtype, family), **(overrides or {})}
     cfg = ModelConfig.from_dict(cfg_dict)
-    fmt = "fp8" if dtype == "fp8" else "bf16"
     weights = model_weights(cfg)
     specs = [
-        OutSpec(name, dt, shape, key=w.name) for w in weights for name, (dt, shape) in storage(w, fmt).items()
+        OutSpec(name, dt, shape, key=w.name)
+        for w in weights
+        for name, (dt, shape) in storage(w, weight_format(cfg, w), group=cfg.quant.group_size).items()
     ]
     shards = plan_shards(specs, max_shard_bytes or SHARD_CAP[preset])
     out = Path(out_dir)
     job = WriteJob(
         out,
         shards,
-        _SynthProducer({w.name: w for w in weights}, seed, sparse, cfg.quant.scale_fmt),
+        _SynthProducer({w.name: w for w in weights}, seed, sparse, cfg),
         cfg_dict,
         "synth",
         {
@@ -255,6 +125,7 @@ def synthesize(
         },
     )
     job.sparse = sparse
-    job.extra_data = tokenizer_files(real=preset in ("real-shape", "full"))
+    kind = "tiktoken" if family in TIKTOKEN_MEMBERS else "tokenizer.json"
+    job.extra_data = tokenizer_files(real=preset in ("real-shape", "full"), kind=kind)
     result = execute(job)
     return {"out": str(out), "tensors": len(specs), "bytes": job.total_bytes, "shards": len(shards), **result}

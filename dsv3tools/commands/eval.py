@@ -15,7 +15,7 @@ from dsv3tools.errors import DSV3Error
 
 
 def _render(con: Console, r: dict) -> None:
-    con.print(f"model {r['model']}")
+    con.print(f"model {r['model']}  (tokenizer {r['tokenizer']}, BOS {r['bos_policy']})")
     t = Table(title=f"{r['task']} ({r['num_fewshot']}-shot)")
     t.add_column("task / group")
     t.add_column("n", justify="right")
@@ -92,6 +92,8 @@ def register(app: typer.Typer) -> None:
                 "task": task,
                 "num_fewshot": shots,
                 "limit": limit,
+                "tokenizer": lm.tokenizer_.kind,
+                "bos_policy": "prepend" if lm.tokenizer_.add_bos else "none",
                 **summary,
                 "output": str(output) if output else None,
             },

@@ -20,7 +20,7 @@ from dsv3tools.errors import DSV3Error, ValidationError
 
 def _render(con: Console, r: dict) -> None:
     con.print(
-        f"[bold]{r['path']}[/]  format {r['format']}  {r['num_shards']} shards  {r['num_tensors']:,} tensors  "
+        f"[bold]{r['path']}[/]  {r['family']}  format {r['format']}  {r['num_shards']} shards  {r['num_tensors']:,} tensors  "
         f"{human_bytes(r['bytes_total'])}"
     )
     t = Table(title="parameters by component")

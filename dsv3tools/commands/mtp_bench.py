@@ -81,7 +81,8 @@ def register(app: typer.Typer) -> None:
         """Draft with the MTP module, verify with the main model; acceptance (alpha, tau) and losslessness."""
         import torch
 
-        from dsv3tools.evals.lm import ByteTokenizer, _torch_dtype, dequantize_small
+        from dsv3tools.checkpoint.tokenizer import load_tokenizer
+        from dsv3tools.evals.lm import _torch_dtype, dequantize_small
         from dsv3tools.evals.mtp import bench, randomize_mtp
         from dsv3tools.model.api import load_model
 
@@ -94,8 +95,8 @@ def register(app: typer.Typer) -> None:
             raise DSV3Error(
                 f"--model {model}: no MTP layer (num_nextn_predict_layers 0); use a checkpoint with MTP"
             )
-        tok = ByteTokenizer(model)
-        ids = [tok.encode(t, add_bos=tok.add_bos) for t in texts]
+        tok = load_tokenizer(model)
+        ids = [tok.encode(t) for t in texts]
         result = bench(m, ids, max_new_tokens, k)
         if untrained_baseline:
             randomize_mtp(m, seed=0)  # float weights: randomized layers simply replace the dequantized ones

@@ -14,15 +14,19 @@ def register(app: typer.Typer) -> None:
     def synth_cmd(
         out: Path = typer.Option(..., "--out", help="output folder"),
         preset: str = typer.Option("tiny", "--preset", help="tiny | small | real-shape | full"),
-        family: str = typer.Option("v3", "--family", help="v3 | v3.2 (the family member, SPEC sec. 10)"),
+        family: str = typer.Option(
+            "v3", "--family", help="v3 | v3.1 | v3.2 | kimi-k2 | kimi-k2-thinking | moonlight (SPEC sec. 10)"
+        ),
         sparse: bool = typer.Option(False, "--sparse", help="with --preset full: data regions are holes"),
-        dtype: str = typer.Option("fp8", "--dtype", help="fp8 | bf16"),
+        dtype: str = typer.Option(
+            None, "--dtype", help="fp8 | bf16 | int4 (default: as the member's release stores it)"
+        ),
         seed: int = typer.Option(0, "--seed"),
         layers: int = typer.Option(None, "--layers", help="cut num_hidden_layers (real-shape)"),
         experts: int = typer.Option(None, "--experts", help="cut n_routed_experts (real-shape)"),
         json: bool = json_option(),
     ) -> None:
-        """Write a random checkpoint in the exact HF DeepSeek-V3 format, deterministic per seed."""
+        """Write a random checkpoint in the exact HF format of a family member, deterministic per seed."""
         from dsv3tools.checkpoint.synth import synthesize
 
         r = synthesize(

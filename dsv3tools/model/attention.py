@@ -9,7 +9,8 @@ Both paths share one cache: per token the normed latent ``c_kv`` (kv_lora_rank v
 - ``auto``: per call, whichever of the two needs fewer multiply-adds: ``naive`` for a prefill (T close to
   S), ``absorb`` for decoding (T much smaller than S) -- what serving engines do.
 
-The local head count comes from the weights (``q_b_proj`` rows / qk_head_dim), so a tensor-parallel rank
+Moonlight (``q_lora_rank`` null) projects the query with one ``q_proj`` instead of ``q_a_proj`` ->
+``q_a_layernorm`` -> ``q_b_proj``. The local head count comes from the weights (query rows / qk_head_dim), so a tensor-parallel rank
 holding a slice of the heads runs the same code.
 
 DeepSeek-V3.2 (``cfg.has_indexer``): every layer also runs the DSA lightning indexer of
@@ -103,9 +104,12 @@ class MLA(nn.Module):
         h, nh, blk = cfg.hidden_size, cfg.num_attention_heads, cfg.quant.block
         self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank, self.scale, self.attn_impl = cfg.kv_lora_rank, cfg.softmax_scale, attn_impl
-        self.q_a_proj = Linear(h, cfg.q_lora_rank, blk)
-        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.q_b_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, blk)
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, blk)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, blk)
+        else:  # Moonlight: no query compression
+            self.q_proj = Linear(h, nh * cfg.qk_head_dim, blk)
         self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, blk)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), blk)
@@ -122,8 +126,12 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """``x [B, T, H]``; ``allowed`` bool mask ``[B|1, 1, T, S]`` (True: attend; None: attend to all)."""
         b, t, _ = x.shape
-        qr = self.q_a_layernorm(self.q_a_proj(x))
-        q = self.q_b_proj(qr).view(b, t, -1, self.nope + self.rope)  # local heads from the weight's rows
+        if hasattr(self, "q_proj"):
+            qr, q = None, self.q_proj(x)
+        else:
+            qr = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(qr)
+        q = q.view(b, t, -1, self.nope + self.rope)  # local heads from the weight's rows
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, *rope)
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3tools.checkpoint.reader import map_shard, read_header, tensor_view
+from dsv3tools.checkpoint.tokenizer import tokenizer_dir
 from dsv3tools.checkpoint.validate import validate_checkpoint
 from dsv3tools.config import ModelConfig
 from dsv3tools.converters.reshard_rules import split_rule
@@ -185,7 +186,6 @@ def load_resharded(
     index = _read_json(folder / manifest["ranks"][rank]["index"])
     _attach_rank(model, folder, index, device)
     _slice_unsplit(model, manifest.get("unsplit", []), rank, world)
-    tok = folder / "tokenizer.json"
-    model.tokenizer_path = str(tok) if tok.is_file() else None
+    model.tokenizer_path = tokenizer_dir(folder)
     model.rank, model.world_size = rank, world
     return model.eval()

@@ -83,8 +83,10 @@ def run_generate(
     offload: bool = False,
 ) -> dict:
     """What ``dsv3tools generate`` does: load, encode (BOS first), decode; returns ids and text."""
+    tok = load_tokenizer(model_path)  # before the weights: a missing tokenizer file fails fast
     model = load_model(model_path, device=device, offload=offload)
-    tok = load_tokenizer(model)
+    if mtp and not model.config.num_nextn_predict_layers:
+        raise DSV3Error(f"--model {model_path}: no MTP layer (num_nextn_predict_layers 0); drop --mtp")
     prompt_ids = encode(tok, prompt, model.config.bos_token_id)
     if mtp:
         if temperature > 0:

@@ -20,6 +20,7 @@ from torch import nn
 
 from dsv3tools.checkpoint.layout import layer_of
 from dsv3tools.checkpoint.reader import Checkpoint
+from dsv3tools.checkpoint.tokenizer import tokenizer_dir
 from dsv3tools.checkpoint.writer import TORCH_DTYPES
 from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
@@ -158,8 +159,7 @@ def load_checkpoint(
             )
         if materialize:
             model.materialize()
-    tok = Path(path) / "tokenizer.json"
-    model.tokenizer_path = str(tok) if tok.is_file() else None
+    model.tokenizer_path = tokenizer_dir(path)
     return model.eval()
 
 
