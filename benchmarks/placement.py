@@ -1,8 +1,8 @@
 """Expert placement benchmark: imbalance of our placement vs DeepSeek's EPLB greedy (SPEC sec. 6).
 
-Run by hand:  python benchmarks/placement.py [--layers 8] [--seed 0] [--expert-load FILE] [--json]
+Run by hand:  python benchmarks/placement.py [--layers 8] [--seed 0] [--expert-load FILE] [--family kimi-k2] [--json]
 
-For 256 experts in 8 groups, skewed loads (log-normal sigma 0.5 and 1.0, a few hot experts, and
+For 256 experts in 8 groups (``--family kimi-k2``: 384 experts in 1 group, so 1 node: the global policy), skewed loads (log-normal sigma 0.5 and 1.0, a few hot experts, and
 optionally the layers of an expert-load file), GPUs in {8,16,32,64}, nodes in {1,2,4,8} and
 redundant experts in {0, N}: mean imbalance (max rank load / mean rank load) of EPLB and ours over
 the layers, then a summary: cases where ours is worse (must be 0), whether every expert group stays
@@ -22,9 +22,19 @@ import numpy as np
 
 from dsv3tools.converters.placement import balanced_placement, eplb_placement, imbalance, load_expert_loads
 
-EXPERTS, GROUPS = 256, 8
-GPUS, NODES = (8, 16, 32, 64), (1, 2, 4, 8)
-DSV3_MOE_LAYERS, DSV3_HIDDEN_LAYERS = list(range(3, 61)), 61
+GPUS = (8, 16, 32, 64)
+# member -> (routed experts, expert groups, node counts, MoE layer ids, hidden layers), from its config.json
+SHAPES = {
+    "v3": (256, 8, (1, 2, 4, 8), list(range(3, 61)), 61),
+    "kimi-k2": (384, 1, (1,), list(range(1, 61)), 61),
+}
+EXPERTS, GROUPS, NODES, MOE_LAYERS, HIDDEN_LAYERS = SHAPES["v3"]
+
+
+def use_shape(family: str) -> None:
+    """Switch the benchmark's expert shape (module state of this script only)."""
+    global EXPERTS, GROUPS, NODES, MOE_LAYERS, HIDDEN_LAYERS
+    EXPERTS, GROUPS, NODES, MOE_LAYERS, HIDDEN_LAYERS = SHAPES[family]
 
 
 def distributions(num_layers: int, seed: int, expert_load: str | None) -> dict[str, list[np.ndarray]]:
@@ -41,7 +51,7 @@ def distributions(num_layers: int, seed: int, expert_load: str | None) -> dict[s
         hot.append(w)
     out["few-hot"] = hot
     if expert_load:
-        loads = load_expert_loads(expert_load, DSV3_MOE_LAYERS, EXPERTS, num_hidden_layers=DSV3_HIDDEN_LAYERS)
+        loads = load_expert_loads(expert_load, MOE_LAYERS, EXPERTS, num_hidden_layers=HIDDEN_LAYERS)
         rows = [v for v in loads.values() if v.sum() > 0 and np.ptp(v) > 0]
         if rows:
             out[f"file:{Path(expert_load).name}"] = rows
@@ -63,7 +73,9 @@ def run(num_layers: int, seed: int, expert_load: str | None) -> dict:
             for nodes in NODES:
                 for r in (0, n):
                     if (EXPERTS + r) % n or r % nodes or n % nodes:
-                        skipped.append(f"{name} gpus={n} nodes={nodes} R={r}: (256+R)%N or R%nodes != 0")
+                        skipped.append(
+                            f"{name} gpus={n} nodes={nodes} R={r}: ({EXPERTS}+R)%N or R%nodes != 0"
+                        )
                         continue
                     ea, eb, t_ours = [], [], 0.0
                     for w in layers:
@@ -94,8 +106,9 @@ def run(num_layers: int, seed: int, expert_load: str | None) -> dict:
     # speed: 58 MoE layers over 64 GPUs, 2 nodes, 64 redundant experts
     rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()
+    nodes = 2 if 2 in NODES else 1
     for _ in range(58):
-        balanced_placement(rng.lognormal(0.0, 1.0, EXPERTS), 64, 2, GROUPS, 64)
+        balanced_placement(rng.lognormal(0.0, 1.0, EXPERTS), 64, nodes, GROUPS, 64)
     t58 = time.perf_counter() - t0
     return {
         "rows": rows,
@@ -116,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=8, help="random layers per distribution (default 8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--expert-load", default=None, help="expert-load file (ours, SGLang dump or table)")
+    ap.add_argument("--family", choices=sorted(SHAPES), default="v3", help="expert shape (default v3)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    use_shape(args.family)
     res = run(args.layers, args.seed, args.expert_load)
     if args.json:
         print(json.dumps(res))
@@ -142,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'-' if ratio is None else f'{ratio:.3f}'} over {s['cases_in_ratio']} cases"
     )
     print(
-        f"time, 58 layers x 256 experts over 64 GPUs (2 nodes, R=64): {s['seconds_58_layers_64_gpus']:.2f} s"
+        f"time, 58 layers x {EXPERTS} experts over 64 GPUs ({2 if 2 in NODES else 1} node(s), R=64): "
+        f"{s['seconds_58_layers_64_gpus']:.2f} s"
     )
     return 0
 

@@ -319,3 +319,87 @@ def test_missing_tokenizer_and_no_mtp_exit_2(members, tmp_path: Path) -> None:
         r = run_cli(*args, "--model", src)
         assert r.returncode == 2 and "MTP" in r.stderr, (args, r.stderr)
     assert not (tmp_path / "s").exists()
+
+
+# ---- every command on a member -------------------------------------------------------------------------
+@pytest.mark.parametrize(("member", "group"), [("kimi-k2", 32), ("kimi-k2-thinking", 128)])
+def test_int4_group_size_written_and_read(members, tmp_path: Path, member: str, group: int) -> None:
+    """int4 at group 32 and 128, both written (`--group-size`) and read: compressed-tensors' decompressor
+    equals our dequantization, and the result runs (Kimi-K2 fp8 -> g32; K2-Thinking g32 -> g128)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    out = tmp_path / "int4"
+    convert(members[member][0], out, ConvertOptions("int4", group_size=group))
+    ck = Checkpoint(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    assert ck.config.quant.group_size == group == scheme.weights.group_size
+    p = f"model.layers.{ck.config.moe_layers[0]}.mlp.experts.3.down_proj"
+    sd = {k: ck.get(f"{p}.{k}") for k in ("weight_packed", "weight_scale", "weight_shape")}
+    assert sd["weight_scale"].shape[1] == ck.config.moe_intermediate_size // group
+    theirs = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
+    assert torch.equal(theirs, ref_int4_dequant(sd["weight_packed"], sd["weight_scale"]).to(theirs.dtype))
+    assert torch.isfinite(load_model(out, dtype=torch.float32)(torch.arange(8).view(1, 8))).all()
+
+
+def test_compare_and_expert_load_on_moonlight(members, tmp_path: Path) -> None:
+    """compare (tiktoken-tokenized) of the stored BF16 against its bf16 conversion is exact; expert-load
+    records all 64-expert-shaped rows of the member's MoE layers."""
+    src, bf16 = members["moonlight"]
+    r = run_cli("compare", "--model", src, "--against", bf16, "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["top1_agreement"] == 1.0 and rep["max_abs_logit_diff"] == 0.0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is Paris.\nWater boils at one hundred degrees.\n")
+    r = run_cli(
+        "expert-load", "--model", src, "--prompts", prompts, "--out", tmp_path / "load.json", "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    rep, cfg = json.loads(r.stdout), ModelConfig.from_file(src)
+    assert sorted(map(int, rep["layers"])) == cfg.moe_layers
+    assert all(len(row) == cfg.n_routed_experts for row in rep["layers"].values())
+    assert sum(rep["layers"][str(cfg.moe_layers[0])]) == rep["tokens"] * cfg.num_experts_per_tok
+
+
+def test_torchrun_moonlight_two_ranks_equal_one_process(members, tmp_path: Path) -> None:
+    """reshard of a q_proj member (its query split by heads), n_group 1 (global policy), then the
+    distributed forward over 2 gloo ranks equals one process within 1e-5."""
+    import os
+    import subprocess
+    import sys
+
+    from dsv3tools.converters.reshard import ReshardOptions, reshard
+
+    src = members["moonlight"][0]
+    ep = tmp_path / "ep2"
+    r = reshard(src, ep, ReshardOptions(2, num_redundant=2))
+    assert r["placement"]["num_nodes"] == 1
+    tests = Path(__file__).parent
+    sys.path.insert(0, str(tests))
+    from dist_worker import run as run_checks
+
+    dest = tmp_path / "logits.pt"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [str(tests / "dist_worker.py"), str(ep), str(dest)]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1"), timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, ref = torch.load(dest), run_checks(load_model(src, dtype=torch.float32))
+    assert sorted(got) == sorted(ref) == ["decode", "logits", "routing"]
+    for key in ("logits", "decode"):
+        a, b = ref[key].float(), got[key].float()
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max()), key
+    assert torch.equal(ref["routing"], got["routing"])
+
+
+def test_reshard_deepseek_format_refuses_kimi(members, tmp_path: Path) -> None:
+    r = run_cli(
+        "reshard", "--model", members["kimi-k2"][0], "--gpus", "2", "--format", "deepseek", "--dry-run"
+    )
+    assert r.returncode == 2 and "kimi-k2" in r.stderr and "--format dsv3tools" in r.stderr, r.stderr
