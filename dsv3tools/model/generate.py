@@ -81,9 +81,11 @@ def run_generate(
     mtp_k: int = 1,
     device: str = "cpu",
     offload: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict:
-    """What ``dsv3tools generate`` does: load, encode (BOS first), decode; returns ids and text."""
-    model = load_model(model_path, device=device, offload=offload)
+    """What ``dsv3tools generate`` does: load (compute ``dtype``, default bf16), encode (BOS first), decode;
+    returns ids and text."""
+    model = load_model(model_path, device=device, offload=offload, dtype=dtype)
     tok = load_tokenizer(model)
     prompt_ids = encode(tok, prompt, model.config.bos_token_id)
     if mtp:
