@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
             None, "--mmlu-dir", help="local cais/mmlu snapshot (per-subject parquet)"
         ),
         output: Path = typer.Option(None, "--output", help="write lm-eval's results JSON here"),
-        dtype: str = typer.Option("bfloat16", "--dtype", help="compute dtype: bfloat16 or float32"),
+        dtype: str = typer.Option("bfloat16", "--dtype", help="compute dtype: bfloat16, float16 or float32"),
         json_mode: bool = json_option(),
     ) -> None:
         """Score a checkpoint with lm-evaluation-harness (MMLU 5-shot by default for --task mmlu)."""

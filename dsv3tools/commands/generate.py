@@ -19,10 +19,12 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(1, "--k", min=1, help="draft tokens per step with --mtp"),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
         offload: bool = typer.Option(False, "--offload", help="stream layers from disk (bounded memory)"),
+        dtype: str = typer.Option("bfloat16", "--dtype", help="compute dtype: bfloat16, float16 or float32"),
         json: bool = json_option(),
     ) -> None:
         """Greedy (or sampled) text generation with the built-in forward."""
         from dsv3tools.errors import DSV3Error
+        from dsv3tools.model.api import compute_dtype
         from dsv3tools.model.generate import run_generate
 
         if device not in ("cpu", "cuda"):
@@ -37,5 +39,6 @@ def register(app: typer.Typer) -> None:
             mtp_k=k,
             device=device,
             offload=offload,
+            dtype=compute_dtype(dtype),
         )
         emit(r, json, lambda con, r: con.print(prompt + r["text"], markup=False, highlight=False))

@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(
             1, "--k", min=1, help="draft tokens per verify step (k > 1 chains the MTP module)"
         ),
-        dtype: str = typer.Option("float32", "--dtype", help="compute dtype: float32 or bfloat16"),
+        dtype: str = typer.Option("float32", "--dtype", help="compute dtype: float32, bfloat16 or float16"),
         untrained_baseline: bool = typer.Option(
             False,
             "--untrained-baseline",

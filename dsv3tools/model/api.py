@@ -1,7 +1,8 @@
 """``load_model``, the public entry point: one call for every kind of path, dispatched to the loader that
 owns it. A folder written by ``reshard --format dsv3tools`` runs across ranks
 (:func:`dsv3tools.model.distributed.load_resharded`); any other checkpoint folder loads in this process
-(:func:`dsv3tools.model.loading.load_checkpoint`). The loaders know nothing of each other or of this table.
+(:func:`dsv3tools.model.loading.load_checkpoint`). The loaders know nothing of each other or of this table. :func:`compute_dtype` is the one table of
+compute-dtype names the commands' ``--dtype`` options accept.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from typing_extensions import TypedDict, Unpack
 
+from dsv3tools.errors import DSV3Error
 from dsv3tools.model.distributed import is_resharded, load_resharded
 from dsv3tools.model.loading import load_checkpoint
 from dsv3tools.model.transformer import Transformer
@@ -21,6 +23,24 @@ LOADERS: list[tuple[Callable[[Path], bool], Callable[..., Transformer]]] = [
     (is_resharded, load_resharded),
     (lambda path: True, load_checkpoint),
 ]
+
+
+# the names ``--dtype`` accepts (SPEC sec. 2, 13): float16 keeps the residual stream rescaled (model.transformer)
+COMPUTE_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a ``--dtype`` name (bfloat16, float16, float32 or their short forms)."""
+    if name not in COMPUTE_DTYPES:
+        raise DSV3Error(f"--dtype {name!r}: use bfloat16, float16 or float32")
+    return COMPUTE_DTYPES[name]
 
 
 class LoadOptions(TypedDict, total=False):

@@ -1,6 +1,7 @@
-"""``compare``: run two checkpoints on the same prompts (float32 compute) and measure how their next-token
+"""``compare``: run two checkpoints on the same prompts (float32 compute unless told otherwise) and measure how their next-token
 distributions differ: KL(A||B) mean and max over positions, top-1 agreement, max abs logit difference.
-One model is in memory at a time: A's logits are kept, A is freed, then B runs."""
+One model is in memory at a time: A's logits are kept, A is freed, then B runs. Each side has its own compute
+dtype, so one checkpoint compared with itself measures a dtype (``--dtype float16 --against-dtype float32``)."""
 
 from __future__ import annotations
 
@@ -49,9 +50,9 @@ def read_prompts(path: str | Path | None) -> list[str]:
 
 @torch.inference_mode()
 def _logits(
-    path: str | Path, batches: list[list[int]], device: str, backend: str, offload: bool
+    path: str | Path, batches: list[list[int]], device: str, backend: str, offload: bool, dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    model = load_model(path, device=device, dtype=torch.float32, backend=backend, offload=offload)
+    model = load_model(path, device=device, dtype=dtype, backend=backend, offload=offload)
     out = [model(torch.tensor([ids], device=model.device))[0].cpu() for ids in batches]
     del model
     gc.collect()
@@ -84,11 +85,24 @@ def compare(
     device: str = "cpu",
     backend: str = "auto",
     offload: bool = False,
+    dtype: torch.dtype = torch.float32,
+    against_dtype: torch.dtype | None = None,
 ) -> dict:
-    """Compare two checkpoints on ``prompts`` (default built-ins), tokenized with A's tokenizer."""
+    """Compare two checkpoints on ``prompts`` (default built-ins), tokenized with A's tokenizer; A computes
+    in ``dtype``, B in ``against_dtype`` (default: the same)."""
     tok = load_tokenizer(model_a)
     bos = ModelConfig.from_file(model_a).bos_token_id
     batches = [encode(tok, p, bos) for p in (prompts or DEFAULT_PROMPTS)]
-    la = _logits(model_a, batches, device, backend, offload)
-    lb = _logits(model_b, batches, device, backend, offload)
-    return {"model": str(model_a), "against": str(model_b), "prompts": len(batches), **logit_stats(la, lb)}
+    la = _logits(model_a, batches, device, backend, offload, dtype)
+    lb = _logits(model_b, batches, device, backend, offload, against_dtype or dtype)
+    dtypes = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "against_dtype": str(against_dtype or dtype).removeprefix("torch."),
+    }
+    return {
+        "model": str(model_a),
+        "against": str(model_b),
+        "prompts": len(batches),
+        **dtypes,
+        **logit_stats(la, lb),
+    }

@@ -81,10 +81,12 @@ def run_generate(
     mtp_k: int = 1,
     device: str = "cpu",
     offload: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict:
-    """What ``dsv3tools generate`` does: load, encode (BOS first), decode; returns ids and text."""
+    """What ``dsv3tools generate`` does: load (compute ``dtype``, default bf16), encode (under the
+    checkpoint's BOS policy), decode; returns ids and text."""
     tok = load_tokenizer(model_path)  # before the weights: a missing tokenizer file fails fast
-    model = load_model(model_path, device=device, offload=offload)
+    model = load_model(model_path, device=device, offload=offload, dtype=dtype)
     if mtp and not model.config.num_nextn_predict_layers:
         raise DSV3Error(f"--model {model_path}: no MTP layer (num_nextn_predict_layers 0); drop --mtp")
     prompt_ids = encode(tok, prompt, model.config.bos_token_id)

@@ -85,8 +85,9 @@ class Gate(nn.Module):
         """Sigmoid router scores ``[N, E]`` in float32."""
         return torch.sigmoid(F.linear(x.float(), self.weight.float()))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [N, H]`` -> (weights float32 ``[N, k]``, expert ids ``[N, k]``)."""
+    def forward(self, x: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [N, H]`` -> (weights float32 ``[N, k]``, expert ids ``[N, k]``); the weights carry
+        ``routed_scaling_factor`` unless ``scaled`` is False (the float16 forward, see :class:`MoE`)."""
         s = self.scores(x)
         biased = s.detach() + self.e_score_correction_bias.float()
         n = biased.shape[0]
@@ -101,11 +102,15 @@ class Gate(nn.Module):
         w = s.gather(1, idx)
         if self.norm_topk:
             w = w / w.sum(-1, keepdim=True)
-        return w * self.scaling, idx
+        return (w * self.scaling if scaled else w), idx
 
 
 class MoE(nn.Module):
-    """Routed experts (grouped by expert) plus the shared expert; optional routing statistics."""
+    """Routed experts (grouped by expert) plus the shared expert; optional routing statistics.
+
+    In float16 the output is ``(routed * s + shared) / s`` with ``s = routed_scaling_factor``: the routed
+    sum is left unscaled and the shared expert's output divided by ``s``, as vLLM's DeepSeek model does, so
+    the residual stream stays in units of ``1 / s`` (see :class:`~dsv3tools.model.transformer.Block`)."""
 
     def __init__(self, cfg: ModelConfig, expert_ids: list[int] | None = None):
         super().__init__()
@@ -144,12 +149,14 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, idx = self.gate(x)
+        fp16 = x.dtype == torch.float16 and self.gate.scaling != 1.0
+        weights, idx = self.gate(x, scaled=not fp16)
         if self.record:
             self.counts += torch.bincount(idx.flatten().cpu(), minlength=self.counts.numel())
         out = self._routed(x, weights, idx)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            shared = self.shared_experts(x)
+            out = out + (shared * (1.0 / self.gate.scaling) if fp16 else shared)
         return out.view(shape)
 
     def _stacked_expert(self, j: int, x: torch.Tensor) -> torch.Tensor:

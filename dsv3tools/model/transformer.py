@@ -1,5 +1,7 @@
 """The DeepSeek-V3 forward in plain PyTorch: embedding, decoder blocks (MLA + dense MLP or MoE), final norm
 and head, the MTP module(s), KV caches for incremental decoding, padding masks and routing statistics.
+In float16 the residual stream is carried rescaled by 1/routed_scaling_factor (vLLM's scheme, SPEC sec. 13)
+and a module output that still overflows stops the forward naming the module (:class:`Float16Overflow`).
 
 Module paths mirror the HF tensor names (``model.layers.3.mlp.experts.7.up_proj`` ...), so a checkpoint
 tensor attaches to ``model.get_submodule(prefix)`` under its own suffix; see :mod:`dsv3tools.model.loading` for
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3tools.config import ModelConfig
+from dsv3tools.errors import DSV3Error
 from dsv3tools.model.attention import MLA, LayerCache, RMSNorm
 from dsv3tools.model.indexer import INDEXER_PRECISIONS, Indexer
 from dsv3tools.model.linear import Linear, resolve_model_backend
@@ -25,6 +28,22 @@ from dsv3tools.model.moe import MLP, Gate, MoE
 from dsv3tools.model.rope import cos_sin, inv_freq
 
 ROPE_TABLE_MIN = 256  # positions in the first cos/sin table (grown by doubling)
+
+
+class Float16Overflow(DSV3Error):
+    """The float16 forward reached inf or NaN; names the first module whose output did."""
+
+
+def _finite(h: torch.Tensor, where: str) -> torch.Tensor:
+    """``h`` unchanged, or :class:`Float16Overflow` naming ``where`` when it holds inf or NaN."""
+    if not bool(torch.isfinite(h).all()):
+        peak = h.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max()
+        raise Float16Overflow(
+            f"{where}: the float16 forward overflows here (inf/NaN; float16 holds |x| <= 65504, the finite "
+            f"values reach {float(peak):.4g}) even with the residual rescaled by 1/routed_scaling_factor; "
+            "run with --dtype bfloat16 or float32"
+        )
+    return h
 
 
 class Embedding(nn.Module):
@@ -55,6 +74,8 @@ class Block(nn.Module):
         super().__init__()
         h, eps, blk = cfg.hidden_size, cfg.rms_norm_eps, cfg.quant.block
         self.layer_id = layer
+        self.inv_scale = 1.0 / cfg.routed_scaling_factor  # the float16 residual's units (_forward_fp16)
+        self.enters_stream = layer == 0 or layer >= cfg.num_hidden_layers
         self.self_attn = MLA(cfg, attn_impl)
         self.mlp = MoE(cfg, expert_ids) if cfg.is_moe(layer) else MLP(h, cfg.intermediate_size, blk)
         self.input_layernorm = RMSNorm(h, eps)
@@ -67,8 +88,28 @@ class Block(nn.Module):
             self.shared_head = SharedHead(cfg)
 
     def forward(self, x, rope, allowed, start_pos: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, allowed, start_pos, cache)
+        a = self.self_attn(self.input_layernorm(x), rope, allowed, start_pos, cache)
+        if x.dtype == torch.float16:
+            return self._forward_fp16(x, a)
+        x = x + a
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_fp16(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The float16 residual stream (SPEC sec. 13), vLLM's DeepSeek scheme: it is carried in units of
+        ``1 / routed_scaling_factor`` (the attention and dense-MLP outputs are divided by the factor, the
+        MoE leaves its routed sum unscaled and divides the shared expert's output; the layer where the
+        stream enters, layer 0 or an MTP layer, divides its input residual once). Every RMSNorm reading
+        the stream is scale-invariant, so the logits are unchanged while the stream is 1/s as large.
+        A sub-layer output that still reaches inf stops the forward with :class:`Float16Overflow`."""
+        if self.inv_scale != 1.0:
+            a = a * self.inv_scale
+            if self.enters_stream:
+                x = x * self.inv_scale
+        x = _finite(x + a, f"model.layers.{self.layer_id}.self_attn")
+        m = self.mlp(self.post_attention_layernorm(x))
+        if self.inv_scale != 1.0 and not isinstance(self.mlp, MoE):
+            m = m * self.inv_scale
+        return _finite(x + m, f"model.layers.{self.layer_id}.mlp")
 
 
 class Decoder(nn.Module):
@@ -263,7 +304,8 @@ class Transformer(nn.Module):
                 h = self.model.layers[str(i)](h, rope, allowed, start_pos, cache.layers[i] if cache else None)
         with self._stream("head"):
             h = self.model.norm(h)
-            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+            logits = (_finite(logits, "lm_head") if logits.dtype == torch.float16 else logits).float()
         return (logits, h) if return_hidden else logits
 
     def mtp_forward(
@@ -293,5 +335,10 @@ class Transformer(nn.Module):
             x = blk.eh_proj(torch.cat([e, blk.hnorm(hidden.to(self.dtype))], dim=-1))
             x = blk(x, rope, allowed, start_pos, cache.layers[layer] if cache else None)
             out = blk.shared_head.norm(x)
-            logits = blk.shared_head.head(out).float()
+            logits = blk.shared_head.head(out)
+            logits = (
+                _finite(logits, f"model.layers.{layer}.shared_head")
+                if logits.dtype == torch.float16
+                else logits
+            ).float()
         return logits, out
