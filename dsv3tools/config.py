@@ -234,12 +234,14 @@ class ModelConfig:
 
     @property
     def family(self) -> str:
-        """The family member (SPEC sec. 10, the ``--family`` names) from model_type, storage and fields."""
+        """The family member (SPEC sec. 10, the ``--family`` names) from model_type, fields and storage; a
+        conversion keeps the member (Kimi-K2-Thinking converted to fp8 is still kimi-k2-thinking)."""
         arch = self.raw.get("model_type")
         if arch == "deepseek_v32" or self.has_indexer:
             return "v3.2"
-        if arch == "kimi_k2":
-            return "kimi-k2-thinking" if self.quant.method == "int4" else "kimi-k2"
+        if arch == "kimi_k2":  # Thinking: rms_norm_eps 1e-5 (K2-Instruct 1e-6), released as int4 experts
+            thinking = self.quant.method == "int4" or self.rms_norm_eps >= 1e-5
+            return "kimi-k2-thinking" if thinking else "kimi-k2"
         if not self.q_lora_rank:
             return "moonlight"
         return "v3.1" if self.quant.scale_fmt == "ue8m0" else "v3"

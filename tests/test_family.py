@@ -210,7 +210,7 @@ def test_thinking_int4_read_back_by_compressed_tensors(members, tmp_path: Path) 
     fp8 = tmp_path / "fp8"
     convert(src, fp8, ConvertOptions("fp8"))
     assert Checkpoint(fp8).problems() == []
-    assert ModelConfig.from_file(fp8).family == "kimi-k2"  # same model_type, now FP8 like Kimi-K2
+    assert ModelConfig.from_file(fp8).family == "kimi-k2-thinking"  # the member, now stored in FP8
     logits = load_model(fp8, dtype=torch.float32)(torch.arange(16).view(1, 16))
     assert torch.isfinite(logits).all()
 
@@ -403,3 +403,29 @@ def test_reshard_deepseek_format_refuses_kimi(members, tmp_path: Path) -> None:
         "reshard", "--model", members["kimi-k2"][0], "--gpus", "2", "--format", "deepseek", "--dry-run"
     )
     assert r.returncode == 2 and "kimi-k2" in r.stderr and "--format dsv3tools" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("member", "to", "scope"),
+    [("moonlight", "nvfp4", "all"), ("kimi-k2-thinking", "mxfp4", "experts"), ("kimi-k2", "fp16", "experts")],
+)
+def test_fp4_and_fp16_targets_on_members(members, tmp_path: Path, member: str, to: str, scope: str) -> None:
+    """The other targets on members: a valid checkpoint of the member that loads and runs, its linears in
+    the target format (Moonlight's q_proj under `all`)."""
+    out = tmp_path / to
+    # fp16 from the bf16 conversion: bf16 values are exact in float16, so the logits must agree closely
+    # (from fp8 the two roundings differ by a bf16 ulp, which flips expert choices of a random tiny model)
+    convert(members[member][1 if to == "fp16" else 0], out, ConvertOptions(to, int4_scope=scope))
+    ck = Checkpoint(out)
+    assert ck.problems() == [] and ck.config.family == member
+    fmts = {ck.linear_format(w.name) for w in ck.expected() if w.linear and w.quantizable}
+    if to == "fp16":
+        assert ck.get("model.layers.1.mlp.experts.0.up_proj.weight").dtype == torch.float16
+    else:
+        assert to in fmts
+    if member == "moonlight":
+        assert ck.linear_format("model.layers.0.self_attn.q_proj") == "nvfp4"
+    ids = torch.arange(12).view(1, 12)
+    got = load_model(out, dtype=torch.float32)(ids)
+    ref = load_model(members[member][1], dtype=torch.float32)(ids)
+    assert rel_err(got, ref) < (1e-5 if to == "fp16" else 0.5)

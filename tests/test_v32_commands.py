@@ -21,7 +21,7 @@ from dsv3tools.checkpoint.synth import synthesize
 from dsv3tools.converters.reshard import ReshardOptions, reshard
 from dsv3tools.evals.mtp import bench
 from dsv3tools.model.api import load_model
-from tests.conftest import SPEC_INT4_WEIGHTS, raw_tensors, run_cli
+from tests.conftest import SPEC_INT4_WEIGHTS, WIDE_OVERRIDES, raw_tensors, run_cli
 from tests.test_convert import ref_fp8_dequant, ref_int4_dequant
 
 TESTS = Path(__file__).resolve().parent
@@ -203,3 +203,50 @@ def test_mtp_bench_and_generate_cli(v32_fp8: Path, tmp_path: Path) -> None:
     assert json.loads(r.stdout)["lossless"] is True
     r = run_cli("generate", "--model", v32_fp8, "--prompt", "hello there", "--max-new-tokens", "6")
     assert r.returncode == 0, r.stderr
+
+
+def test_reshard_deepseek_format_as_v32_convert_py_writes(tmp_path: Path) -> None:
+    """`--format deepseek` on V3.2, as DeepSeek's V3.2 inference/convert.py writes it: every indexer tensor
+    whole on every rank under its own name (`layers.L.attn.indexer.{wq_b,wk}.{weight,scale}`,
+    `k_norm.{weight,bias}` float32, `weights_proj.weight`), byte-equal to the source; the MTP layer dropped;
+    config_demo.json with the V3.2 ModelArgs (scale_fmt, index_*)."""
+    from safetensors.torch import load_file
+
+    src = tmp_path / "v32-wide"
+    synthesize(src, preset="tiny", family="v3.2", overrides={**SMALL_TOPK, **WIDE_OVERRIDES})
+    out = tmp_path / "mp2"
+    r = run_cli("reshard", "--model", src, "--gpus", "2", "--format", "deepseek", "--out", out)
+    assert r.returncode == 0, r.stderr
+    ck = Checkpoint(src)
+    cfg = ck.config
+    ranks = [load_file(out / f"model{k}-mp2.safetensors") for k in range(2)]
+    suffixes = {
+        "wq_b.weight": "wq_b.weight",
+        "wq_b.scale": "wq_b.weight_scale_inv",
+        "wk.weight": "wk.weight",
+        "wk.scale": "wk.weight_scale_inv",
+        "k_norm.weight": "k_norm.weight",
+        "k_norm.bias": "k_norm.bias",
+        "weights_proj.weight": "weights_proj.weight",
+    }
+    for d in ranks:
+        assert not any(n.startswith(f"layers.{cfg.num_hidden_layers}.") for n in d)  # MTP dropped
+        for layer in range(cfg.num_hidden_layers):
+            names = {n for n in d if n.startswith(f"layers.{layer}.attn.indexer.")}
+            assert names == {f"layers.{layer}.attn.indexer.{s}" for s in suffixes}
+            for short, hf in suffixes.items():
+                t = d[f"layers.{layer}.attn.indexer.{short}"]
+                orig = ck.get(f"model.layers.{layer}.self_attn.indexer.{hf}")
+                assert t.dtype == orig.dtype and torch.equal(t.view(torch.uint8), orig.view(torch.uint8)), (
+                    short
+                )
+        assert d["layers.0.attn_norm.weight"].dtype == torch.float32  # V3.2's float32 norms kept
+    demo = json.loads((out / "config_demo.json").read_text())
+    assert (demo["index_n_heads"], demo["index_head_dim"], demo["index_topk"]) == (
+        cfg.index_n_heads,
+        cfg.index_head_dim,
+        cfg.index_topk,
+    )
+    assert (
+        demo["scale_fmt"] == "ue8m0" and demo["dtype"] == "fp8" and demo["n_layers"] == cfg.num_hidden_layers
+    )
