@@ -16,6 +16,7 @@ tiktoken (Moonshot's tokenizer adds no special token when encoding)."""
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import re
 import zipfile
@@ -32,7 +33,7 @@ PAD = "<｜▁pad▁｜>"
 SPECIALS = [BOS, EOS, PAD, "<｜User｜>", "<｜Assistant｜>"]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
     bs = (
         list(range(ord("!"), ord("~") + 1))
@@ -51,7 +52,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def byte_level_tokenizer() -> dict:
     """tokenizer.json of a byte-level BPE: specials at ids 0..4, the 256 bytes at 5..260, no merges."""
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for b in range(256):
         vocab[table[b]] = len(SPECIALS) + b
@@ -301,10 +302,27 @@ def _load_tokenizers(path: Path, cfg: dict) -> CheckpointTokenizer:
     )
 
 
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """``tiktoken.model``'s ``base64-token rank`` lines, read from the file itself: tiktoken's own
+    ``load_tiktoken_bpe`` caches local files by their path string under the temp dir, so a replaced file at
+    the same path would be read stale."""
+    ranks = {}
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        parts = line.split()
+        try:
+            if parts:
+                token, rank = parts
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise DSV3Error(
+                f"{path}: line {n} is not 'base64-token rank'; restore the checkpoint's tiktoken.model"
+            ) from None
+    return ranks
+
+
 def _load_tiktoken(path: Path, cfg: dict) -> CheckpointTokenizer:
     try:
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
     except ImportError:
         raise DSV3Error("a tiktoken.model needs the tiktoken package: pip install tiktoken") from None
     conf = path.parent / "tokenizer_config.json"
@@ -312,7 +330,7 @@ def _load_tiktoken(path: Path, cfg: dict) -> CheckpointTokenizer:
         raise DSV3Error(
             f"{conf}: missing; tiktoken.model needs its tokenizer_config.json (the special tokens)"
         )
-    ranks = load_tiktoken_bpe(str(path))
+    ranks = read_tiktoken_ranks(path)
     base = len(ranks)
     named = {int(i): _token_text(t) for i, t in (cfg.get("added_tokens_decoder") or {}).items()}
     top = max([base + NUM_RESERVED_SPECIAL - 1, *named])
@@ -340,7 +358,7 @@ def tokenizer_dir(path: str | Path) -> str | None:
 
 def load_tokenizer(model_or_path: Any) -> CheckpointTokenizer:
     """The checkpoint's tokenizer: ``tokenizer.json`` through ``tokenizers``, else ``tiktoken.model`` through
-    ``tiktoken``; a model object is asked for its ``tokenizer_path``."""
+    ``tiktoken``; a model object is asked for its ``tokenizer_path``; a ``.gguf`` uses the files beside it."""
     if not isinstance(model_or_path, (str, Path)):
         if getattr(model_or_path, "tokenizer_path", None) is None:
             raise DSV3Error(
@@ -349,6 +367,9 @@ def load_tokenizer(model_or_path: Any) -> CheckpointTokenizer:
             )
         model_or_path = model_or_path.tokenizer_path
     path = Path(model_or_path)
+    # a GGUF's tokenizer files sit beside it (convert --to gguf copies them)
+    if path.suffix.lower() == ".gguf":
+        path = _beside_gguf(path)
     folder = path if path.is_dir() else path.parent
     if not path.is_dir() and path.is_file():
         tok_file = path
@@ -365,6 +386,18 @@ def load_tokenizer(model_or_path: Any) -> CheckpointTokenizer:
     if tok_file.name == "tiktoken.model" or tok_file.suffix == ".model":
         return _load_tiktoken(tok_file, cfg)
     return _load_tokenizers(tok_file, cfg)
+
+
+def _beside_gguf(path: Path) -> Path:
+    """The folder of a ``.gguf`` when it holds the tokenizer files, else an error naming the missing file."""
+    folder = path.parent
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tiktoken.model").is_file():
+        raise DSV3Error(
+            f"{folder / 'tokenizer.json'}: missing; a GGUF model is tokenized with the tokenizer.json and "
+            f"tokenizer_config.json beside {path.name} (convert --to gguf copies them): copy the source "
+            "checkpoint's there"
+        )
+    return folder
 
 
 def encode(tokenizer: CheckpointTokenizer, text: str, bos_id: int | None = None) -> list[int]:

@@ -70,8 +70,16 @@ def register(app: typer.Typer) -> None:
             tm = prepare_tasks(
                 task, work, tasks_dir=tasks_dir, mmlu_dir=mmlu_dir
             )  # fails fast, before loading
-            if not (Path(model) / "config.json").is_file():
-                raise DSV3Error(f"--model {model}: no config.json; point --model at a checkpoint folder")
+            from dsv3tools.converters.gguf.files import is_gguf
+
+            if is_gguf(model):
+                from dsv3tools.model.api import model_config
+
+                model_config(model)  # the GGUF's validation gate, before the tokenizer and the weights
+            elif not (Path(model) / "config.json").is_file():
+                raise DSV3Error(
+                    f"--model {model}: no config.json; point --model at a checkpoint folder or a .gguf"
+                )
             from dsv3tools.evals.lm import DSV3LM
 
             lm = DSV3LM(pretrained=model, batch_size=batch_size, dtype=dtype)

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 
 from dsv3tools.checkpoint.tokenizer import encode, load_tokenizer
-from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
-from dsv3tools.model.api import load_model
+from dsv3tools.model.api import load_model, model_config
 
 DEFAULT_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -90,8 +89,9 @@ def compare(
 ) -> dict:
     """Compare two checkpoints on ``prompts`` (default built-ins), tokenized with A's tokenizer; A computes
     in ``dtype``, B in ``against_dtype`` (default: the same)."""
+    bos = model_config(model_a).bos_token_id
+    model_config(model_b)  # B's validation gate too, before any forward
     tok = load_tokenizer(model_a)
-    bos = ModelConfig.from_file(model_a).bos_token_id
     batches = [encode(tok, p, bos) for p in (prompts or DEFAULT_PROMPTS)]
     la = _logits(model_a, batches, device, backend, offload, dtype)
     lb = _logits(model_b, batches, device, backend, offload, against_dtype or dtype)
