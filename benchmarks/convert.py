@@ -224,7 +224,9 @@ def main() -> None:
         "--peer", choices=["llmcompressor"], help="only ours against model_free_ptq (convert_peer.py)"
     )
     ap.add_argument(
-        "--peer-python", default="/work/venvs/h5-fp4-llmc/bin/python", help="llmcompressor's venv"
+        "--peer-python",
+        default="/work/venvs/llmc/bin/python",
+        help="llmcompressor 0.14 venv (python -m venv /work/venvs/llmc; pip install torch==2.13.0 llmcompressor==0.14.*)",
     )
     ap.add_argument("--peer-experts", type=int, default=8, help="routed experts of the --peer bf16 input")
     a = ap.parse_args()

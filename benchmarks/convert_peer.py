@@ -49,10 +49,10 @@ def peer_ignore(model: Path) -> list[str]:
     """The unquantized Linear modules of our ``--int4-scope all`` output, as its config lists them, and the
     embedding (which no target of ours quantizes)."""
     from dsv3tools.checkpoint.reader import Checkpoint
-    from dsv3tools.converters.convert import int4_ignore
+    from dsv3tools.quant.ct_config import int4_ignore
 
     # model_free_ptq matches tensor names, not Linear modules: the embedding must be named too
-    return [*int4_ignore(Checkpoint(model), "all"), r"re:.*embed_tokens$"]
+    return [*int4_ignore(Checkpoint(model).config, "all"), r"re:.*embed_tokens$"]
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -74,9 +74,12 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.float(), b.float()))  # e.g. float32 scales against bf16 ones: same values?
 
 
-def compare_fp8(ours: Path, peer: Path) -> dict:
-    """Tensor for tensor: our ``X.weight_scale_inv`` is the peer's ``X.weight_scale``."""
-    a, b = tensors(ours), tensors(peer)
+def compare_fp8(ours: Path, peer: Path, source: Path) -> dict:
+    """Tensor for tensor: our ``X.weight_scale_inv`` is the peer's ``X.weight_scale``. For every quantized
+    weight whose codes differ, the codes are re-derived from the bf16 source with the *peer's* scale
+    (``cast(w / s)``, the quotient in float32 as ours, or in bf16 as compressed-tensors divides bf16
+    tensors): ``explained_*`` count the weights whose every code equals the peer's that way."""
+    a, b, src = tensors(ours), tensors(peer), tensors(source)
     rename = {k: k.removesuffix("_scale_inv") + "_scale" if k.endswith("_scale_inv") else k for k in a}
     diff = [k for k in a if rename[k] in b and not same(a[k], b[rename[k]])]
     row = {"tensors_ours": len(a), "tensors_peer": len(b), "identical": len(a) - len(diff)}
@@ -88,6 +91,46 @@ def compare_fp8(ours: Path, peer: Path) -> dict:
         {"name": k, "ours": str(a[k].dtype), "peer": str(b[rename[k]].dtype), **delta(a[k], b[rename[k]])}
         for k in diff[:4]
     ]
+    weights = [k for k in diff if k.endswith(".weight") and a[k].dtype == torch.float8_e4m3fn]
+    row["weights_differ"] = len(weights)
+    for how in ("float32", "bfloat16"):
+        row[f"explained_by_peer_scale_{how}_division"] = sum(
+            _fp8_explained(src[k], b[k], b[k + "_scale"], getattr(torch, how)) for k in weights
+        )
+    row["scales_equal_after_bf16_rounding"] = sum(
+        bool(torch.equal(a[k + "_scale_inv"].to(b[k + "_scale"].dtype), b[k + "_scale"])) for k in weights
+    )
+    return row
+
+
+def _fp8_explained(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Are ``codes`` ``cast_e4m3(w / scale)`` of the bf16 weight ``w`` with ``scale`` (the peer's), the
+    quotient taken in ``dtype`` (float32: ours; bfloat16: compressed-tensors' ``_quantize`` on bf16 tensors,
+    which rounds the quotient to bf16 before the e4m3 cast)?"""
+    from dsv3tools.quant.reference import FP8_MAX, expand_scale
+
+    q = (w.to(dtype) / expand_scale(scale, tuple(w.shape)).to(dtype)).float().clamp(-FP8_MAX, FP8_MAX)
+    return bool(torch.equal(q.to(torch.float8_e4m3fn).view(torch.uint8), codes.view(torch.uint8)))
+
+
+def compare_nvfp4(ours: Path, peer: Path, source: Path) -> dict:
+    """NVFP4A16 tensor for tensor. Where a weight's codes or scales differ, they are re-derived from the bf16
+    source by our own ``nvfp4_quant`` with the *peer's* global scale: ``explained`` counts the weights that
+    then equal the peer's bytes (the only recipe difference being which linears share a global scale)."""
+    from dsv3tools.quant.fp4 import nvfp4_quant
+
+    a, b, src = tensors(ours), tensors(peer), tensors(source)
+    diff = [k for k in a if k in b and not same(a[k], b[k])]
+    row = {"tensors_ours": len(a), "tensors_peer": len(b), "only_ours": sorted(set(a) - set(b))[:5]}
+    row.update(only_peer=sorted(set(b) - set(a))[:5], identical=len(a) - len(diff) - len(set(a) - set(b)))
+    row["n_differ"] = len(diff)
+    row["global_scales_differ"] = sorted(k for k in diff if k.endswith("weight_global_scale"))
+    modules = sorted({k.rsplit(".", 1)[0] for k in diff})
+    explained = 0
+    for m in modules:
+        packed, scale = nvfp4_quant(src[m + ".weight"], b[m + ".weight_global_scale"])
+        explained += same(packed, b[m + ".weight_packed"]) and same(scale, b[m + ".weight_scale"])
+    row.update(modules_differ=len(modules), explained_by_peer_global_scale=explained)
     return row
 
 
@@ -119,8 +162,7 @@ def bench_peer(workdir: Path, peer_python: str, experts: int, workers: int) -> N
         )
         row.update(ours_rss_gib=ours["rss"], peer_rss_gib=peer["rss"], rss_ratio=ours["rss"] / peer["rss"])
         row.update(ours_rss_tree_gib=ours["rss_tree"], peer_rss_tree_gib=peer["rss_tree"])
-        if to == "fp8":
-            row.update(compare_fp8(ours_out, peer_out))
+        row.update((compare_fp8 if to == "fp8" else compare_nvfp4)(ours_out, peer_out, model))
         emit(row)
         for d in (ours_out, peer_out):
             shutil.rmtree(d, ignore_errors=True)
