@@ -123,7 +123,9 @@ def test_cli_dtype_reaches_the_forward(trained: Path, cli) -> None:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert (out["dtype"], out["against_dtype"]) == ("float16", "float32")
-    assert 0 < out["kl_mean"] < 1e-3 and out["top1_agreement"] == 1.0  # not the same dtype: KL is not 0
+    # not the same dtype: KL is not 0. CPU float16 matmuls round differently per instruction set (AVX-512
+    # machine: top-1 1.000; AMD EPYC with AVX2: KL 7.3e-4, top-1 0.993 where bfloat16 gives 3.0e-3, 0.983)
+    assert 0 < out["kl_mean"] < 2e-3 and out["top1_agreement"] >= 0.98
     g16 = cli(
         "generate",
         "--model",
