@@ -15,6 +15,13 @@ Compute is float32 for the format rows (the numbers are the weights' error alone
 compute rows run the reference / fp16 checkpoint in that dtype (``--dtype``), the fp16 one through the
 float16 forward's rescaled residual stream.
 
+GGUF rows (``convert --to gguf ... --gguf-mtp``) are measured on the ``.gguf`` file itself (``load_model``
+dequantizes it through ``gguf.quants``; its MTP layer ``blk.N.nextn`` drafts in ``mtp-bench``): bf16, q8_0,
+q4_0 and the "dynamic" recipe (routed experts q4_0, every other matrix q8_0, router and norms F32 as always).
+The trained tiny's byte-level tokenizer is not one llama.cpp knows: the exporter writes ``tokenizer.ggml.pre``
+"default" and warns. A second table compares every float32-compute row with the FP8 original itself:
+``compare --model FP8 --against TARGET`` (KL(FP8 || target)).
+
 Run: ``flock /work/bench.lock python benchmarks/quality.py [--work DIR] [--json FILE]``.
 """
 
@@ -30,9 +37,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# run as a script, this folder comes first on sys.path, where benchmarks/gguf.py would shadow the gguf package
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 ENV = {"OMP_NUM_THREADS": "1", "DSV3TOOLS_NO_PROGRESS": "1", "TQDM_DISABLE": "1"}
 PROMPT_LINES = 48  # held-out corpus lines for compare (a seed the training data did not use)
 PROMPT_SEED_OFFSET = 300
+# the stacked routed-expert tensors' GGUF names (the shared expert's are ffn_*_shexp)
+GGUF_EXPERTS = "ffn_(gate|up|down)_exps"
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,14 @@ ROWS = [
     Row("mxfp4, all", ("--to", "mxfp4", "--int4-scope", "all"), folder="mxfp4-all"),
     Row("fp16", ("--to", "fp16"), folder="fp16"),
     Row("fp16, float16 compute", ("--to", "fp16"), "float16", folder="fp16"),
+    Row("gguf bf16", ("--to", "gguf", "--gguf-type", "bf16", "--gguf-mtp"), folder="gguf-bf16"),
+    Row("gguf q8_0", ("--to", "gguf", "--gguf-type", "q8_0", "--gguf-mtp"), folder="gguf-q8_0"),
+    Row("gguf q4_0", ("--to", "gguf", "--gguf-type", "q4_0", "--gguf-mtp"), folder="gguf-q4_0"),
+    Row(
+        "gguf dynamic (experts q4_0, rest q8_0)",
+        ("--to", "gguf", "--gguf-type", "q8_0", "--gguf-tensor-type", f"{GGUF_EXPERTS}=q4_0", "--gguf-mtp"),
+        folder="gguf-dynamic",
+    ),
 ]
 
 
@@ -88,8 +109,23 @@ def write_prompts(path: Path) -> Path:
     return path
 
 
-def checkpoint_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+def checkpoint_bytes(model: Path) -> int:
+    """Bytes of the weights: the safetensors shards of a folder, or the ``.gguf`` file."""
+    if model.is_file():
+        return model.stat().st_size
+    return sum(f.stat().st_size for f in model.glob("*.safetensors"))
+
+
+def converted(row: Row, ref: Path, work: Path) -> tuple[Path, dict]:
+    """The row's checkpoint (converted from ``ref`` once per folder; a GGUF row's is its ``.gguf`` file) and
+    the tensor types per GGUF type (empty for the other formats)."""
+    folder, saved = work / row.folder, work / f"{row.folder}.convert.json"
+    if not folder.exists():
+        saved.write_text(json.dumps(cli("convert", "--model", ref, *row.convert, "--out", folder)))
+    if "gguf" not in row.convert:
+        return folder, {}
+    report = json.loads(saved.read_text())
+    return Path(report["files"][0]), {k: v["tensors"] for k, v in report["by_type"].items()}
 
 
 def measure(row: Row, model: Path, ref: Path, prompts: Path) -> dict:
@@ -125,6 +161,39 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def against_fp8(rows: list[dict], models: list[Path], fp8: Path, prompts: Path) -> list[dict]:
+    """``compare --model FP8 --against TARGET`` (both in float32) for every float32-compute row."""
+    out = []
+    for r, model in zip(rows, models, strict=True):
+        if r["dtype"] != "float32":
+            continue
+        dtypes = ("--dtype", "float32", "--against-dtype", "float32")
+        c = cli("compare", "--model", fp8, "--against", model, "--prompts", prompts, *dtypes)
+        out.append({"label": r["label"], **{k: c[k] for k in ("kl_mean", "kl_max", "top1_agreement")}})
+    return out
+
+
+def fp8_table(rows: list[dict]) -> str:
+    out = ["| target | KL mean, FP8 to target | KL max | top-1 vs FP8 |", "|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['label']} | {r['kl_mean']:.2e} | {r['kl_max']:.2e} | {r['top1_agreement']:.3f} |")
+    return "\n".join(out)
+
+
+def measure_all(trained: Path, work: Path, t0: float) -> tuple[list[dict], list[dict]]:
+    """Every row of :data:`ROWS` against the bf16 reference, then the float32 rows against the FP8 original."""
+    ref = work / "bf16"
+    cli("convert", "--model", trained, "--to", "bf16", "--out", ref)
+    prompts = write_prompts(work / "prompts.jsonl")
+    rows, models = [], []
+    for row in ROWS:
+        model, types = (ref, {}) if row.convert is None else converted(row, ref, work)
+        rows.append(dict(measure(row, model, ref, prompts), gguf_types=types))
+        models.append(model)
+        print(f"{row.label}: done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return rows, against_fp8(rows, models, trained, prompts)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/dsv3tools-quality"), help="converted checkpoints")
@@ -139,20 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     trained = trained_tiny(cache=True)
-    ref = work / "bf16"
-    cli("convert", "--model", trained, "--to", "bf16", "--out", ref)
-    prompts = write_prompts(work / "prompts.jsonl")
-    rows = []
-    for row in ROWS:
-        model = ref if row.convert is None else work / row.folder
-        if row.convert is not None and not model.exists():
-            cli("convert", "--model", ref, *row.convert, "--out", model)
-        rows.append(measure(row, model, ref, prompts))
-        print(f"{row.label}: done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    rows, vs_fp8 = measure_all(trained, work, t0)
     print(f"trained tiny model: {trained} (reference: its bf16 conversion); {rows[0]['positions']} positions")
     print(table(rows))
+    for r in rows:
+        if r["gguf_types"]:
+            print(f"{r['label']}: GGUF tensors by type {r['gguf_types']}")
+    print(f"\nagainst the FP8 original ({trained}), compare --model FP8 --against TARGET, float32:")
+    print(fp8_table(vs_fp8))
     if args.json is not None:
-        args.json.write_text(json.dumps({"trained": str(trained), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"trained": str(trained), "rows": rows, "vs_fp8": vs_fp8}, indent=2))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
