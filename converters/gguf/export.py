@@ -6,10 +6,15 @@ the next would take its data past ``--gguf-split-max-size``) and the files are n
 gguf-split names them (``<stem>-00001-of-0000N.gguf``); the first holds all the metadata, each holds the
 three ``split.*`` keys. Each file is one ``GGUFWriter``: every tensor declared (``add_tensor_info``), the
 header, metadata and tensor infos written, then the data tensor by tensor. A tensor's values are produced
-in chunks: row bands of a 2-D weight, one expert at a time of a stacked expert tensor (never the whole
-stack), dequantized to float32 from the memory-mapped source and encoded by ``gguf.quants.quantize`` (the
-encoder llama.cpp's converter uses, so both write the same bytes for the same float32 values). With
-``workers > 1`` chunks are encoded by a thread pool a few chunks ahead and written in order.
+in pieces (``source.py``): row bands of a 2-D weight, one expert at a time of a stacked expert tensor (never
+the whole stack), each dequantized to float32 from the memory-mapped source a cache-sized slab at a time
+(FP8 through ``dsv3tools.quant.fp8_lut``'s tables) and encoded by ``encode.py``'s torch encoders, which write
+exactly the bytes of ``gguf.quants.quantize`` (the encoder llama.cpp's converter uses) for the same float32
+values. ``workers`` threads (one torch thread each) encode pieces a bounded distance ahead; the main thread
+hands them in file order to ``sink.py``, which writes the data region with ``O_DIRECT`` (no page-cache copy;
+buffered writes where the file system refuses it). The sources of the pieces to come are read ahead (up to
+1 GiB, into the page cache) and each is dropped from the process once encoded, so resident memory is the
+pieces in flight whatever the checkpoint's size or expert count.
 
 Each file is written under ``OUT/.gguf-partial/``, fsynced, and renamed into ``OUT`` when complete, so an
 interrupted run leaves nothing under a final name. A re-run keeps every file already under its final name
@@ -18,9 +23,13 @@ writes the rest."""
 
 from __future__ import annotations
 
+import functools
+import math
 import mmap
 import os
 import shutil
+import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -38,10 +47,10 @@ from dsv3tools.config import ModelConfig
 from dsv3tools.errors import DSV3Error
 from dsv3tools.quant.bands import SourceWeight, bands
 
+from .encode import encode_into, type_bytes
 from .metadata import UNKNOWN_PRE, add_arch, add_general, add_tokenizer
 from .plan import (
     FILE_TYPES,
-    QTYPES,
     GGUFArch,
     GGUFOptions,
     GGUFTensor,
@@ -51,106 +60,152 @@ from .plan import (
     keeps_mtp,
     plan_tensors,
 )
+from .sink import QUEUED, Buffers, DirectSink, PageCacheSink, open_direct
+from .source import SLAB_ELEMENTS, MappedShards, Piece, computed, tensor_rows, weight_rows
 
 PARTIAL = ".gguf-partial"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tiktoken.model")
-Chunk = Callable[[], np.ndarray]
+Chunk = Callable[[], Piece]
+Job = tuple[Chunk, gguf.GGMLQuantizationType, int]  # a piece to make, its type, its tensor's file offset
 Progress = Callable[[int], None]
 
 
 class _Values:
-    """float32 values of HF logical weights from the checkpoint (any stored format), in row bands."""
+    """float32 values of HF logical weights from the checkpoint (any stored format), as pieces of rows."""
 
     def __init__(self, ck: Checkpoint):
         self.ck, self.cfg = ck, ck.config
         self.linear = {w.name: w for w in ck.expected() if w.linear}
+        self.shards = MappedShards(ck)
 
     def source(self, name: str) -> SourceWeight | torch.Tensor:
         w = self.linear.get(name)
         if w is None:
-            return self.ck.get(name)
+            return self.shards.get(name)
         fmt = self.ck.linear_format(name)
-        return SourceWeight(self.ck.get, name, fmt, w.shape, self.cfg.quant.block)
-
-    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        src = self.source(name)
-        if isinstance(src, torch.Tensor):
-            return src[r0:r1].float()
-        return src.band(r0, r1)
+        return SourceWeight(self.shards.get, name, fmt, w.shape, self.cfg.quant.block)
 
     def whole(self, name: str) -> torch.Tensor:
         src = self.source(name)
         return src.float() if isinstance(src, torch.Tensor) else src.band(0, src.shape[0])
 
+    def piece(self, name: str, r0: int | None = None, r1: int | None = None) -> Piece:
+        """Rows ``r0:r1`` (default: all) of a stored weight or tensor."""
+        src = self.source(name)
+        if isinstance(src, torch.Tensor):
+            rows = src.shape[0] if src.dim() >= 2 else 1
+            return tensor_rows(src, name, r0 or 0, rows if r1 is None else r1)
+        return weight_rows(src, r0 or 0, src.shape[0] if r1 is None else r1)
+
+    def ranges(self, name: str) -> list[tuple[str, int, int]]:
+        """What reading all of ``name`` touches, for read-ahead and release."""
+        return self.piece(name).ranges
+
 
 def _chunks(t: GGUFTensor, values: _Values) -> list[Chunk]:
-    """Thunks giving the tensor's float32 values in file order (row bands / one expert each)."""
+    """Thunks giving the tensor's pieces in file order: row bands of a 2-D weight, one expert at a time of
+    a stacked expert tensor (never the whole stack), the whole of anything else."""
     if len(t.sources) > 1:  # stacked routed experts, expert by expert
-        return [lambda s=s: values.whole(s).numpy() for s in t.sources]
+        return [lambda s=s: values.piece(s) for s in t.sources]
     src = t.sources[0]
     if t.part is not None:  # kv_b_proj per head: k_nope rows transposed, then v rows
         cfg = values.cfg
 
-        def kv_part() -> np.ndarray:
+        def kv_part() -> torch.Tensor:
             kv = values.whole(src).view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, -1)
             k_b, v_b = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
-            return (k_b.transpose(1, 2) if t.part == "k_b" else v_b).contiguous().numpy()
+            return (k_b.transpose(1, 2) if t.part == "k_b" else v_b).contiguous()
 
-        return [kv_part]
+        shape = (math.prod(t.shape[:-1]), t.shape[-1])
+        return [lambda: computed(shape, kv_part, values.ranges(src))]
     if len(t.shape) == 1:
-        return [lambda: values.whole(src).numpy()]
-    return [lambda r0=r0, r1=r1: values.rows(src, r0, r1).numpy() for r0, r1 in bands(*t.shape[:2])]
+        return [lambda: values.piece(src)]
+    return [lambda r0=r0, r1=r1: values.piece(src, r0, r1) for r0, r1 in bands(*t.shape[:2])]
 
 
-def _encode(chunk: Chunk, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    data = chunk()
-    if qtype == QTYPES["f32"]:
-        return np.ascontiguousarray(data, dtype=np.float32)
-    return gguf.quants.quantize(data, qtype)
+_scratch = threading.local()
+
+
+def _encode(
+    piece: Piece, qtype: gguf.GGMLQuantizationType, offset: int, shards: MappedShards, buffers: Buffers
+) -> torch.Tensor:
+    """The piece's bytes as ``qtype``: each slab of rows made float32 in this thread's scratch buffer (or
+    read as stored) and encoded while in cache; the source's pages are dropped from this process afterwards."""
+    rows, cols = piece.shape
+    out = buffers.take(type_bytes(rows * cols, qtype), offset)  # (its address aligned like its file offset)
+    per_row = out.numel() // max(rows, 1)
+    scratch = getattr(_scratch, "buf", None)
+    if scratch is None:
+        scratch = _scratch.buf = torch.empty(SLAB_ELEMENTS, dtype=torch.float32)
+    need = piece.step * cols
+    if need > scratch.numel():
+        scratch = torch.empty(need, dtype=torch.float32)
+    for r0 in range(0, rows, piece.step):
+        r1 = min(rows, r0 + piece.step)
+        encode_into(piece.rows(r0, r1, scratch), qtype, out[r0 * per_row : r1 * per_row])
+    shards.release(piece.ranges)
+    return out
+
+
+READ_AHEAD = 1 << 30  # bytes of source asked of the disk ahead of the encoders (page cache, not RSS)
+WINDOW = 64 << 20  # bytes of output encoded ahead of the writer, so a stalled write does not stall them
 
 
 class _Pipeline:
-    """Encodes every chunk of every tensor in order, ``workers`` threads a bounded distance ahead."""
+    """Encodes every piece of every tensor in order, ``workers`` threads up to :data:`WINDOW` bytes (and at
+    least ``2 * workers`` pieces) ahead of the writer; yields each piece's bytes in file order. The sources of the pieces to come are asked for up to :data:`READ_AHEAD`
+    bytes ahead, from a thread of its own, so the disk reads in long runs while it also writes."""
 
-    def __init__(self, jobs: list[tuple[Chunk, gguf.GGMLQuantizationType]], workers: int):
-        self.jobs, self.workers = jobs, max(1, workers)
+    def __init__(self, jobs: list[Job], workers: int, shards: MappedShards):
+        self.jobs, self.workers, self.shards = jobs, max(1, workers), shards
+        self.buffers = Buffers(WINDOW // Buffers.MIN_BYTES + 2 * self.workers + 2 + QUEUED)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def _pieces(self) -> Iterator[tuple[Piece, gguf.GGMLQuantizationType, int]]:
+        """Each job's piece (made once) with its file offset, its source asked for when it comes within
+        ``READ_AHEAD``."""
+        ahead: deque[tuple[Piece, gguf.GGMLQuantizationType, int, int]] = deque()
+        jobs, asked, tensor, offset = iter(self.jobs), 0, -1, 0
+        with ThreadPoolExecutor(1) as reader:
+            while True:
+                while asked < READ_AHEAD and (job := next(jobs, None)) is not None:
+                    chunk, qtype, start = job
+                    piece = chunk()
+                    offset = offset if start == tensor else start
+                    tensor = start
+                    n = self.shards.nbytes(piece.ranges)
+                    reader.submit(self.shards.prefetch, piece.ranges)
+                    ahead.append((piece, qtype, offset, n))
+                    offset += type_bytes(piece.shape[0] * piece.shape[1], qtype)
+                    asked += n
+                if not ahead:
+                    return
+                piece, qtype, at, n = ahead.popleft()
+                asked -= n
+                yield piece, qtype, at
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
         if self.workers == 1:
-            for chunk, qtype in self.jobs:
-                yield _encode(chunk, qtype)
+            for piece, qtype, at in self._pieces():
+                yield _encode(piece, qtype, at, self.shards, self.buffers)
             return
-        with ThreadPoolExecutor(self.workers) as pool:
-            pending: deque[Future] = deque()
-            it = iter(self.jobs)
-            for chunk, qtype in it:
-                pending.append(pool.submit(_encode, chunk, qtype))
-                if len(pending) >= 2 * self.workers:
-                    break
-            for chunk, qtype in it:
-                yield pending.popleft().result()
-                pending.append(pool.submit(_encode, chunk, qtype))
-            while pending:
-                yield pending.popleft().result()
-
-
-class _Streamed:
-    """What ``GGUFWriter.write_tensor_data`` needs of an array (``nbytes``, ``tofile``), filled from the
-    pipeline chunk by chunk."""
-
-    def __init__(self, nbytes: int, n_chunks: int, stream: Iterator[np.ndarray], progress: Progress | None):
-        self.nbytes, self.n_chunks, self.stream, self.progress = nbytes, n_chunks, stream, progress
-
-    def tofile(self, fout) -> None:
-        written = 0
-        for _ in range(self.n_chunks):
-            arr = next(self.stream)
-            arr.tofile(fout)
-            written += arr.nbytes
-            if self.progress is not None:
-                self.progress(arr.nbytes)
-        if written != self.nbytes:
-            raise RuntimeError(f"GGUF tensor data: wrote {written} bytes, declared {self.nbytes}")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one core per worker thread
+        try:
+            with ThreadPoolExecutor(self.workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                pending: deque[tuple[Future, int]] = deque()
+                queued = 0
+                for piece, qtype, at in self._pieces():
+                    n = type_bytes(piece.shape[0] * piece.shape[1], qtype)
+                    pending.append((pool.submit(_encode, piece, qtype, at, self.shards, self.buffers), n))
+                    queued += n
+                    while len(pending) > 2 * self.workers and queued > WINDOW:
+                        done, n = pending.popleft()
+                        queued -= n
+                        yield done.result()
+                while pending:
+                    yield pending.popleft()[0].result()
+        finally:
+            torch.set_num_threads(threads)
 
 
 @dataclass
@@ -223,6 +278,41 @@ def _metadata(job: _Export, model: Path, opts: GGUFOptions) -> tuple[dict, str]:
     add_arch(w, job.cfg, job.arch, job.mtp, blocks, FILE_TYPES[opts.gguf_type])
     pre = add_tokenizer(w, model, job.cfg, job.arch)
     return w.kv_data[0], pre
+
+
+class _Writer(gguf.GGUFWriter):
+    """gguf's writer, packing long numeric and string arrays (the vocabulary, its types, the merges) in
+    one pass instead of value by value: the same bytes, about a second less on a 129k-token vocabulary."""
+
+    _DTYPES = {
+        gguf.GGUFValueType.UINT8: "u1",
+        gguf.GGUFValueType.INT8: "i1",
+        gguf.GGUFValueType.UINT16: "u2",
+        gguf.GGUFValueType.INT16: "i2",
+        gguf.GGUFValueType.UINT32: "u4",
+        gguf.GGUFValueType.INT32: "i4",
+        gguf.GGUFValueType.FLOAT32: "f4",
+        gguf.GGUFValueType.UINT64: "u8",
+        gguf.GGUFValueType.INT64: "i8",
+        gguf.GGUFValueType.FLOAT64: "f8",
+    }
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        V = gguf.GGUFValueType
+        if vtype != V.ARRAY or not isinstance(val, list | tuple) or len(val) < 64:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        ltype = sub_type if sub_type is not None else V.get_type(val[0])
+        if ltype != V.STRING and ltype not in self._DTYPES:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        end = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
+        head = struct.pack(f"{end}IQ", ltype, len(val))
+        if add_vtype:
+            head = struct.pack(f"{end}I", vtype) + head
+        if ltype != V.STRING:
+            return head + np.asarray(val, dtype=end + self._DTYPES[ltype]).tobytes()
+        data = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+        lengths = np.fromiter(map(len, data), dtype=end + "u8", count=len(data)).tobytes()
+        return head + b"".join(lengths[8 * i : 8 * i + 8] + d for i, d in enumerate(data))
 
 
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType sizes
@@ -302,7 +392,7 @@ def _write_file(
 ) -> None:
     """File ``k`` of the export at ``path``: its metadata (all of it in the first file), the ``split.*``
     keys when there are several, its tensor infos and data; flushed and fsynced."""
-    w = gguf.GGUFWriter(path, job.arch.name)
+    w = _Writer(path, job.arch.name)
     w.kv_data[0] = dict(kv) if k == 0 else {}
     if len(job.splits) > 1:
         keys, V = gguf.Keys.Split, gguf.GGUFValueType
@@ -316,15 +406,55 @@ def _write_file(
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    chunk_lists = [_chunks(t, values) for t in tensors]
-    jobs = [(c, t.qtype) for t, cl in zip(tensors, chunk_lists, strict=True) for c in cl]
-    stream = iter(_Pipeline(jobs, opts.workers))
-    for t, cl in zip(tensors, chunk_lists, strict=True):
-        w.write_tensor_data(_Streamed(byte_shape(t)[2], len(cl), stream, progress))
-    for f in w.fout or []:
-        f.flush()
-        os.fsync(f.fileno())
+    fout = w.fout[0]
+    w.write_padding(fout, fout.tell())  # the data region starts aligned
+    fout.flush()
+    os.fsync(fout.fileno())
+    fd = open_direct(path)
+    try:
+        sink = DirectSink(path, fd) if fd is not None else PageCacheSink(fout)
+        _write_data(sink, tensors, fout.tell(), w.data_alignment, values, opts, progress)
+    finally:
+        if fd is not None:
+            os.close(fd)
     w.close()
+
+
+def _write_data(
+    sink: DirectSink | PageCacheSink,
+    tensors: list[GGUFTensor],
+    start: int,
+    align: int,
+    values: _Values,
+    opts: GGUFOptions,
+    progress: Progress | None,
+) -> None:
+    """Every tensor's bytes, each padded to ``align``, from file offset ``start`` on, through ``sink``."""
+    chunk_lists = [_chunks(t, values) for t in tensors]
+    jobs, offset = [], start
+    for t, cl in zip(tensors, chunk_lists, strict=True):
+        jobs += [(c, t.qtype, offset) for c in cl]
+        offset += gguf.GGUFWriter.ggml_pad(byte_shape(t)[2], align)
+    pipeline = _Pipeline(jobs, opts.workers, values.shards)
+    stream = iter(pipeline)
+    try:
+        for t, cl in zip(tensors, chunk_lists, strict=True):
+            written = 0
+            for _ in cl:
+                data = next(stream)
+                sink.write(data, functools.partial(pipeline.buffers.give, data))
+                written += data.numel()
+                if progress is not None:
+                    progress(data.numel())
+            if written != byte_shape(t)[2]:
+                raise RuntimeError(f"{t.name}: wrote {written} bytes, declared {byte_shape(t)[2]}")
+            pad = gguf.GGUFWriter.ggml_pad(written, align) - written
+            if pad:
+                sink.write(torch.zeros(pad, dtype=torch.uint8))
+        sink.close()
+    finally:
+        stream.close()  # its threads end here, not when it is collected
+        sink.io.shutdown(wait=True)
 
 
 def _copy_tokenizer(model: Path, out: Path) -> None:
@@ -434,18 +564,21 @@ def _write_all(
     _copy_tokenizer(model, out)
     values = _Values(job.ck)
     written, skipped = [], []
-    for k, name in enumerate(names):
-        if _complete(out / name, job.splits[k]):
-            skipped.append(name)
-            if progress is not None:
-                progress(summary(job.splits[k])["bytes"])
-            continue
-        tmp = partial / name
-        tmp.unlink(missing_ok=True)
-        _write_file(job, k, kv, tmp, values, opts, progress)
-        os.replace(tmp, out / name)
-        fsync_dir(out)
-        written.append(name)
+    try:
+        for k, name in enumerate(names):
+            if _complete(out / name, job.splits[k]):
+                skipped.append(name)
+                if progress is not None:
+                    progress(summary(job.splits[k])["bytes"])
+                continue
+            tmp = partial / name
+            tmp.unlink(missing_ok=True)
+            _write_file(job, k, kv, tmp, values, opts, progress)
+            os.replace(tmp, out / name)
+            fsync_dir(out)
+            written.append(name)
+    finally:
+        values.shards.close()
     _remove_stale(out, job.stem, names)
     shutil.rmtree(partial, ignore_errors=True)
     return written, skipped, pre
