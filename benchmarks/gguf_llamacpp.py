@@ -44,12 +44,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-# run as a script, this folder comes first on sys.path, where benchmarks/gguf.py would shadow the gguf package
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 TEXT = (
     "DeepSeek-V3 routes every token through eight of its 256 experts; the multi-token prediction module "

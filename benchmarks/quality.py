@@ -37,10 +37,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# run as a script, this folder comes first on sys.path, where benchmarks/gguf.py would shadow the gguf package
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 ENV = {"OMP_NUM_THREADS": "1", "DSV3TOOLS_NO_PROGRESS": "1", "TQDM_DISABLE": "1"}
 PROMPT_LINES = 48  # held-out corpus lines for compare (a seed the training data did not use)
 PROMPT_SEED_OFFSET = 300

@@ -32,6 +32,18 @@ def model_option(help: str = "checkpoint folder (env DSV3TOOLS_MODEL)") -> Any:
     return typer.Option(DEFAULT_MODEL, "--model", envvar="DSV3TOOLS_MODEL", help=help)
 
 
+def gated_config(model: str | Path) -> Any:
+    """The config of ``--model`` (a checkpoint folder or a ``.gguf``) after its validation gate (SPEC sec.
+    14), before any tokenizer or weight is loaded."""
+    from dsv3tools.converters.gguf.files import is_gguf
+    from dsv3tools.errors import DSV3Error
+    from dsv3tools.model.api import model_config
+
+    if not is_gguf(model) and not (Path(model) / "config.json").is_file():
+        raise DSV3Error(f"--model {model}: no config.json; point --model at a checkpoint folder or a .gguf")
+    return model_config(model)
+
+
 def json_option() -> Any:
     return typer.Option(False, "--json", help="print one JSON object on stdout instead of tables")
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dsv3tools.commands.common import emit, json_option, model_option
+from dsv3tools.commands.common import emit, gated_config, json_option, model_option
 from dsv3tools.errors import DSV3Error
 
 
@@ -70,16 +70,7 @@ def register(app: typer.Typer) -> None:
             tm = prepare_tasks(
                 task, work, tasks_dir=tasks_dir, mmlu_dir=mmlu_dir
             )  # fails fast, before loading
-            from dsv3tools.converters.gguf.files import is_gguf
-
-            if is_gguf(model):
-                from dsv3tools.model.api import model_config
-
-                model_config(model)  # the GGUF's validation gate, before the tokenizer and the weights
-            elif not (Path(model) / "config.json").is_file():
-                raise DSV3Error(
-                    f"--model {model}: no config.json; point --model at a checkpoint folder or a .gguf"
-                )
+            gated_config(model)
             from dsv3tools.evals.lm import DSV3LM
 
             lm = DSV3LM(pretrained=model, batch_size=batch_size, dtype=dtype)

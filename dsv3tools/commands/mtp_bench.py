@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dsv3tools.commands.common import emit, json_option, model_option
+from dsv3tools.commands.common import emit, gated_config, json_option, model_option
 from dsv3tools.errors import DSV3Error
 
 
@@ -82,20 +82,15 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from dsv3tools.checkpoint.tokenizer import load_tokenizer
-        from dsv3tools.converters.gguf.files import is_gguf
         from dsv3tools.evals.lm import _torch_dtype, dequantize_small
         from dsv3tools.evals.mtp import bench, randomize_mtp
-        from dsv3tools.model.api import load_model, model_config
+        from dsv3tools.model.api import load_model
 
         texts = read_prompts(prompts)
-        if not is_gguf(model) and not (Path(model) / "config.json").is_file():
-            raise DSV3Error(
-                f"--model {model}: no config.json; point --model at a checkpoint folder or a .gguf"
-            )
-        if not model_config(model).num_nextn_predict_layers:  # the validation gate, before any weight
+        if not gated_config(model).num_nextn_predict_layers:  # the validation gate, before any weight
             raise DSV3Error(
                 f"--model {model}: no MTP layer (num_nextn_predict_layers 0); use a checkpoint with MTP"
-                + (" (a GGUF keeps it with convert --to gguf --gguf-mtp)" if is_gguf(model) else "")
+                + (" (a GGUF keeps it with convert --to gguf --gguf-mtp)" if model.endswith(".gguf") else "")
             )
         m = load_model(model, dtype=_torch_dtype(dtype) or torch.float32)
         dequantize_small(m)
