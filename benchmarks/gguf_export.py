@@ -17,14 +17,12 @@ fsyncs; theirs is followed by ``sync FILE``, inside the timing), peak RSS from `
 the next run, so at most one output is on disk. A ``disk`` row gives the same run's sequential write rate
 (``dd ... conv=fdatasync``) and cold read rate of the largest input shard, the storage's ceiling.
 
-Usage: ``python benchmarks/gguf.py --workdir /tmp/ggbench`` (synthesizes what is missing: 4 layers with 16
+Usage: ``python benchmarks/gguf_export.py --workdir /tmp/ggbench`` (synthesizes what is missing: 4 layers with 16
 and 64 routed experts, 11.2 and about 15.5 GB; ``--cases 4x16,4x64``)."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import json
 import os
 import shlex
@@ -37,18 +35,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # for tests/gguf_reference.py
 
+import convert as bench_convert  # noqa: E402  (drop_cache, timed; benchmarks/ is sys.path[0])
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench_convert = _load("bench_convert", HERE / "convert.py")  # drop_cache, timed
-CHUNK = 64 << 20
+from tests.gguf_reference import differences, gguf_content, reference_env  # noqa: E402
 
 
 def ensure(path: Path, layers: int, experts: int) -> Path:
@@ -85,71 +76,15 @@ def run_ours(model: Path, out: Path, workers: int) -> tuple[dict, Path]:
 
 def run_theirs(model: Path, out: Path) -> tuple[dict, Path]:
     """llama.cpp's converter under its pinned transformers, then ``sync`` of its output (both timed)."""
-    ref = _load("gguf_reference", ROOT / "tests" / "gguf_reference.py")
-    llama = ref.converter_dir()
-    path = os.pathsep.join([str(ref.pinned_transformers()), str(llama / "gguf-py"), str(llama)])
+    script, env = reference_env()
     out.mkdir(parents=True, exist_ok=True)
     dst = out / "theirs-q8_0.gguf"
     dst.unlink(missing_ok=True)
-    conv = ["env", f"PYTHONPATH={path}", "HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", sys.executable]
-    conv += [str(llama / "convert_hf_to_gguf.py"), str(model), "--outtype", "q8_0", "--outfile", str(dst)]
+    conv = ["env", *(f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v), sys.executable]
+    conv += [str(script), str(model), "--outtype", "q8_0", "--outfile", str(dst)]
     bench_convert.drop_cache(model)
     row = timed(["sh", "-c", f"{shlex.join(conv)} && sync {shlex.quote(str(dst))}"], out.parent)
     return row, dst
-
-
-def digest(path: Path) -> tuple[dict, dict]:
-    """(metadata key -> (value types, sha256 of the value), tensor name -> (GGUF shape, type, bytes, sha256
-    of the data)); tensor data read with ``pread`` in :data:`CHUNK` pieces and dropped from the page cache."""
-    import gguf
-    import numpy as np
-
-    class Reader(gguf.GGUFReader):  # plain array views: numpy memmap slicing is slow on a 129k vocabulary
-        @property
-        def data(self):
-            return self._plain
-
-        @data.setter
-        def data(self, value):
-            self._plain = value.view(np.ndarray)
-
-    r = Reader(path)
-    kv = {
-        f.name: (tuple(int(t) for t in f.types), hashlib.sha256(repr(f.contents()).encode()).hexdigest())
-        for f in r.fields.values()
-    }
-    infos = [
-        (t.name, tuple(int(d) for d in t.shape), t.tensor_type.name, int(t.n_bytes), int(t.data_offset))
-        for t in r.tensors
-    ]
-    del r
-    tensors = {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for name, shape, typ, n, off in infos:
-            h, pos = hashlib.sha256(), off
-            while pos < off + n:
-                buf = os.pread(fd, min(CHUNK, off + n - pos), pos)
-                h.update(buf)
-                pos += len(buf)
-            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
-            tensors[name] = (shape, typ, n, h.hexdigest())
-    finally:
-        os.close(fd)
-    return kv, tensors
-
-
-def differences(theirs: tuple[dict, dict], ours: tuple[dict, dict]) -> list[str]:
-    """Names of the metadata keys (``general.*`` provenance aside) and tensors that differ."""
-    compared = {"general.architecture", "general.type", "general.file_type", "general.quantization_version"}
-    out = []
-    for k in sorted(set(theirs[0]) | set(ours[0])):
-        if k.startswith("GGUF.") or (k.startswith("general.") and k not in compared):
-            continue
-        if theirs[0].get(k) != ours[0].get(k):
-            out.append(k)
-    out += [k for k in sorted(set(theirs[1]) | set(ours[1])) if theirs[1].get(k) != ours[1].get(k)]
-    return out
 
 
 def disk_rates(workdir: Path, model: Path) -> dict:
@@ -181,13 +116,13 @@ def bench_case(workdir: Path, name: str, model: Path, workers: int, repeat: int)
         r, path = run_ours(model, workdir / f"{name}-ours", workers)
         ours.append(r)
         row["output_gb"] = path.stat().st_size / 1e9
-        digests["ours"] = digest(path)
+        digests["ours"] = gguf_content(path)
         shutil.rmtree(path.parent)
         r, path = run_theirs(model, workdir / f"{name}-theirs")
         theirs.append(r)
-        digests["theirs"] = digest(path)
+        digests["theirs"] = gguf_content(path)
         shutil.rmtree(path.parent)
-    diff = differences(digests["theirs"], digests["ours"])
+    diff = list(differences(digests["theirs"], digests["ours"]))
     row.update(
         ours_s=min(r["s"] for r in ours),
         theirs_s=min(r["s"] for r in theirs),

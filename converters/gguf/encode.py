@@ -79,13 +79,13 @@ def encode_into(x: torch.Tensor, qtype: Q, out: torch.Tensor) -> None:
         blocks = x.view(-1, BLOCK)
         if not _BLOCK_ENCODERS[qtype](blocks, out.view(blocks.shape[0], -1), _Work(blocks.shape)):
             _reference(x, qtype, out)
-    else:
-        raise NotImplementedError(f"no encoder for {qtype.name}")
+    else:  # a type without a torch encoder here: gguf's own (which names any type it cannot write)
+        _reference(x, qtype, out)
 
 
 def _reference(x: torch.Tensor, qtype: Q, out: torch.Tensor) -> None:
-    """gguf's own encoder, for the inputs the fast path leaves to it."""
-    ref = gguf.quants.quantize(x.numpy().reshape(-1, BLOCK), qtype)
+    """gguf's own encoder, for the inputs the fast path leaves to it and the types it has no encoder for."""
+    ref = gguf.quants.quantize(x.numpy().reshape(-1, gguf.GGML_QUANT_SIZES[qtype][0]), qtype)
     out.copy_(torch.from_numpy(np.ascontiguousarray(ref).reshape(-1).view(np.uint8)))
 
 

